@@ -1,0 +1,1 @@
+"""Client programs: the `shmheap` command-line tool (demo, bench, status)."""

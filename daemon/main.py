@@ -1,0 +1,113 @@
+"""shmheapd: the daemon that owns the segment. `main()` assembles the whole stack."""
+
+import argparse
+import fcntl
+import logging
+import os
+import sys
+import time
+
+from shmheap import segment
+from shmheap.protocol import PROTOCOL_VERSION
+
+from .pagetable import Backing, PageTable
+from .server import Handlers, Server, listen, peer_is_listening
+from .sessions import Sessions
+
+log = logging.getLogger("shmheapd")
+
+DEFAULT_IDLE_EXIT = 0  # foreground daemons run until stopped; autostart passes its own
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="shmheapd", description="the shmheap daemon")
+    parser.add_argument("--socket", default=None, help="Unix socket path (default: $SHMHEAP_SOCKET "
+                        "or $XDG_RUNTIME_DIR/shmheap/shmheapd.sock or /tmp/shmheap-$UID/)")
+    parser.add_argument("--size", type=segment.parse_size, default=segment.DEFAULT_SIZE,
+                        help="virtual size of the segment, e.g. 64G (sparse)")
+    parser.add_argument("--commit-limit", type=segment.parse_size, default=None,
+                        help="most bytes committed at once (default: free space of /dev/shm)")
+    parser.add_argument("--process-commit-limit", type=segment.parse_size, default=None,
+                        help="most bytes one process may commit (default: the commit limit)")
+    parser.add_argument("--idle-exit", type=float, default=DEFAULT_IDLE_EXIT,
+                        help="exit after this many seconds with no clients (0: never)")
+    parser.add_argument("--allow-uid", type=int, action="append", default=[],
+                        help="also accept clients of this uid (repeatable)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-file", default=None, help="log here instead of stderr")
+    args = parser.parse_args(argv)
+    args.size = segment.round_size(args.size)
+    return args
+
+
+def _default_commit_limit(size):
+    stats = os.statvfs("/dev/shm")
+    return min(size, stats.f_bavail * stats.f_frsize)
+
+
+def _prepare_socket_dir(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+
+
+def _take_lock(path):
+    """Hold an exclusive flock beside the socket for our lifetime: at most one daemon per
+    socket, and whatever socket or segment we find while holding it is a dead one's."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(filename=args.log_file, level=args.log_level,
+                        format="%(asctime)s shmheapd[%(process)d] %(levelname)s %(message)s")
+    path = os.path.abspath(args.socket or segment.default_socket_path())
+    _prepare_socket_dir(path)
+
+    lock_fd = _take_lock(path)
+    if lock_fd is None or peer_is_listening(path):
+        print(f"shmheapd: a daemon is already running on {path}", file=sys.stderr)
+        return 1
+    name = segment.segment_name(path)
+    if os.path.lexists(path):
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+    segment.unlink_quietly(name)  # a dead predecessor's, since we hold the lock
+
+    commit_limit = args.commit_limit if args.commit_limit is not None else _default_commit_limit(args.size)
+    process_limit = args.process_commit_limit if args.process_commit_limit is not None else commit_limit
+    shm = segment.create(name, args.size, os.getpid(), time.time_ns())
+    mapping = segment.map_segment(name, args.size)
+    listener = None
+    try:
+        pagetable = PageTable(args.size, Backing(shm.fd, mapping), commit_limit, process_limit)
+        sessions = Sessions()
+        info = {"version": PROTOCOL_VERSION, "segment": name, "size": args.size,
+                "page_size": segment.PAGE_SIZE, "granularity": segment.ALLOCATION_GRANULARITY,
+                "min_address": segment.MIN_ADDRESS, "daemon_pid": os.getpid(),
+                "generation": segment.read_header(shm.fd).generation,
+                "commit_limit": commit_limit, "process_commit_limit": process_limit}
+        listener = listen(path)
+        log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
+        server = Server(listener, Handlers(info, pagetable, sessions), sessions, pagetable,
+                        allowed_uids={os.getuid(), *args.allow_uid}, idle_exit=args.idle_exit)
+        server.serve_forever()
+    finally:
+        if listener is not None:
+            listener.close()
+            if os.path.lexists(path):
+                os.unlink(path)
+        mapping.close()
+        shm.close_fd()
+        segment.unlink_quietly(name)
+        os.close(lock_fd)
+        log.info("stopped; socket and segment removed")
+    return 0

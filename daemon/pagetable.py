@@ -1,0 +1,497 @@
+"""The page table: the VirtualAlloc layer, owned by the daemon.
+
+Theory of operation
+-------------------
+The segment is one address space shared by every process. Its usable part, [MIN_ADDRESS, size),
+is cut into *regions* (reservations). A region starts on a 64 KiB granule and ends on a page;
+the granules it touches belong to it alone, so the tail of its last granule is free but cannot
+be reserved (as on Windows, where a granule holds at most one allocation).
+
+Three structures describe it, and `check()` proves they agree:
+
+    free extents   sorted, granule-aligned, coalesced [start, end) ranges no region touches.
+                   Reservation is first fit, from the bottom or (MEM_TOP_DOWN) from the top.
+    regions        base -> Region, plus `bases`, sorted, to find the region of an address by
+                   bisection. A region knows its owner (a pid; 0 is the system), its kind, the
+                   protection given at reservation, and its pages as *runs*: parallel lists
+                   `starts`/`values` where values[i] holds for pages starts[i] .. starts[i+1]-1.
+                   A value is 0 for a reserved page, else the committed page's protection.
+                   Neighbouring runs always differ, so a region of one state is one run and
+                   every operation costs O(runs touched), not O(pages).
+    commit totals  bytes committed overall and per owner, checked against the two limits
+                   before anything is committed.
+
+Commit is real: the backing `posix_fallocate`s the pages before the table says committed, so a
+commit that cannot be backed fails with ERROR_COMMITMENT_LIMIT now rather than a SIGBUS later.
+Decommit is real too: `MADV_REMOVE` punches the pages out of tmpfs, and a later commit reads
+zeros. Every mutation validates first and changes state only once it cannot fail (or undoes
+its partial work), so a refused call leaves the table exactly as it was.
+
+Win32 argument semantics (flags, rounding, error codes) live in `virtual_*` at the bottom,
+following ../shared/reference/win32_semantics.md rows VA-*, VF-*, VQ-*, VP-*.
+"""
+
+import errno
+import mmap
+import os
+from bisect import bisect_left, bisect_right
+
+from shmheap.constants import (
+    AT_ROUND_TO_PAGE, MEM_COMMIT, MEM_DECOMMIT, MEM_FREE, MEM_LARGE_PAGES, MEM_MAPPED,
+    MEM_PHYSICAL, MEM_PRIVATE, MEM_RELEASE, MEM_RESERVE, MEM_RESET, MEM_RESET_UNDO,
+    MEM_TOP_DOWN, MEM_WRITE_WATCH, PAGE_BASE_MASK, PAGE_CACHE_MODIFIERS, PAGE_EXECUTE,
+    PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE, PAGE_GUARD, PAGE_NOACCESS, PAGE_NOCACHE,
+    PAGE_READABLE, PAGE_READONLY, PAGE_READWRITE, PAGE_WRITABLE, PAGE_WRITECOMBINE,
+)
+from shmheap.errors import ShmheapError, WinError
+from shmheap.segment import ALLOCATION_GRANULARITY, MIN_ADDRESS, PAGE_SIZE
+
+GRANULE = ALLOCATION_GRANULARITY
+RESERVED = 0  # run value of a reserved (uncommitted) page
+SYSTEM = 0  # owner of regions no process owns (global heap, clipboard)
+
+_BASE_PROTECTIONS = {PAGE_NOACCESS, PAGE_READONLY, PAGE_READWRITE, PAGE_EXECUTE,
+                     PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE}
+_ALLOC_TYPES = MEM_COMMIT | MEM_RESERVE | MEM_RESET | MEM_RESET_UNDO | MEM_TOP_DOWN | MEM_WRITE_WATCH
+
+
+def _fail(code, message=None):
+    raise ShmheapError(code, message)
+
+
+def _round_down(value, unit):
+    return value - value % unit
+
+
+def _round_up(value, unit):
+    return -(-value // unit) * unit
+
+
+class Backing:
+    """The only code that calls posix_fallocate, madvise and fstat on the segment.
+
+    Preconditions, checked by the page table before every call: offset and length are
+    page-aligned, non-zero and inside the segment; commit is only asked of pages the table
+    holds reserved, decommit only of pages it holds committed.
+    """
+
+    def __init__(self, fd, mapping):
+        self.fd = fd
+        self.mapping = mapping
+
+    def commit(self, offset, length):
+        """Allocate tmpfs pages for the range; raises OSError (ENOSPC) if they cannot be had."""
+        os.posix_fallocate(self.fd, offset, length)
+
+    def decommit(self, offset, length):
+        """Punch the range out of tmpfs: its memory returns to the machine, its bytes read 0."""
+        self.mapping.madvise(mmap.MADV_REMOVE, offset, length)
+
+    def resident_bytes(self):
+        return os.fstat(self.fd).st_blocks * 512
+
+
+class Region:
+    """One reservation. Pages are runs; see the module docstring."""
+
+    __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "starts", "values",
+                 "committed_pages")
+
+    def __init__(self, base, size, owner, kind, alloc_protect):
+        self.base = base
+        self.size = size  # a multiple of PAGE_SIZE
+        self.owner = owner
+        self.kind = kind  # "private" (VirtualAlloc); later layers add their own
+        self.alloc_protect = alloc_protect
+        self.shared = False  # visible to every process (global heap, sections)
+        self.starts = [0]
+        self.values = [RESERVED]
+        self.committed_pages = 0
+
+    @property
+    def pages(self):
+        return self.size // PAGE_SIZE
+
+    @property
+    def end(self):
+        return self.base + self.size
+
+    def runs(self, first, last):
+        """(start, stop, value) for the runs overlapping pages [first, last), clipped to it."""
+        starts, values = self.starts, self.values
+        i = bisect_right(starts, first) - 1
+        while i < len(starts) and starts[i] < last:
+            stop = starts[i + 1] if i + 1 < len(starts) else self.pages
+            yield max(starts[i], first), min(stop, last), values[i]
+            i += 1
+
+    def set_pages(self, first, last, value):
+        """Give pages [first, last) one value, splicing and re-coalescing the runs."""
+        if first >= last:
+            return
+        starts, values = self.starts, self.values
+        lo = bisect_left(starts, first)
+        hi = bisect_right(starts, last)
+        new_starts, new_values = [first], [value]
+        if last < self.pages:
+            new_starts.append(last)
+            new_values.append(values[hi - 1])
+        starts[lo:hi] = new_starts
+        values[lo:hi] = new_values
+        # Only the runs around the splice can now equal a neighbour.
+        for i in range(min(lo + 2, len(starts) - 1), max(lo - 1, 0), -1):
+            if values[i] == values[i - 1]:
+                del starts[i], values[i]
+
+    def count_committed(self, first, last):
+        return sum(stop - start for start, stop, value in self.runs(first, last) if value != RESERVED)
+
+
+class PageTable:
+    def __init__(self, size, backing, commit_limit, process_commit_limit):
+        self.size = size
+        self.backing = backing
+        self.commit_limit = commit_limit
+        self.process_commit_limit = process_commit_limit
+        self.regions = {}
+        self.bases = []
+        self.free_starts = [MIN_ADDRESS]
+        self.free_ends = [size]
+        self.committed = 0  # bytes, all owners
+        self.committed_by_owner = {}
+        self.regions_by_owner = {}
+
+    # ---- address-space primitives ---------------------------------------------------------
+
+    def region_at(self, address):
+        """The region holding `address`, or None."""
+        i = bisect_right(self.bases, address) - 1
+        if i >= 0:
+            region = self.regions[self.bases[i]]
+            if address < region.end:
+                return region
+        return None
+
+    def _find_free(self, span, top_down):
+        ranges = zip(self.free_starts, self.free_ends)
+        if top_down:
+            ranges = reversed(list(ranges))
+        for start, end in ranges:
+            if end - start >= span:
+                return end - span if top_down else start
+        return None
+
+    def _take(self, start, end):
+        """Remove granule-aligned [start, end) from the free extent that holds it, or fail."""
+        i = bisect_right(self.free_starts, start) - 1
+        if i < 0 or end > self.free_ends[i]:
+            _fail(WinError.ERROR_INVALID_ADDRESS, "address range already reserved")
+        free_start, free_end = self.free_starts[i], self.free_ends[i]
+        pieces = [(s, e) for s, e in ((free_start, start), (end, free_end)) if e > s]
+        self.free_starts[i:i + 1] = [s for s, _ in pieces]
+        self.free_ends[i:i + 1] = [e for _, e in pieces]
+
+    def _give(self, start, end):
+        """Return granule-aligned [start, end) to the free extents, coalescing neighbours."""
+        i = bisect_left(self.free_starts, start)
+        if i > 0 and self.free_ends[i - 1] == start:
+            i -= 1
+            start = self.free_starts[i]
+            del self.free_starts[i], self.free_ends[i]
+        if i < len(self.free_starts) and self.free_starts[i] == end:
+            end = self.free_ends[i]
+            del self.free_starts[i], self.free_ends[i]
+        self.free_starts.insert(i, start)
+        self.free_ends.insert(i, end)
+
+    def reserve(self, owner, size, protect, address=0, top_down=False, kind="private"):
+        """Reserve a region of `size` bytes (rounded up to pages) at `address` (rounded down to
+        a granule) or, with address 0, wherever first fit finds room. Returns the Region."""
+        if address:
+            base = _round_down(address, GRANULE)
+            end = _round_up(address + size, PAGE_SIZE)
+            if base < MIN_ADDRESS or end > self.size:
+                _fail(WinError.ERROR_INVALID_PARAMETER, "address outside the user address space")
+        else:
+            size = _round_up(size, PAGE_SIZE)
+            if size > self.size:
+                _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the address space")
+            base = self._find_free(_round_up(size, GRANULE), top_down)
+            if base is None:
+                _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "no free address range that large")
+            end = base + size
+        self._take(base, _round_up(end, GRANULE))
+        region = Region(base, end - base, owner, kind, protect)
+        self.regions[base] = region
+        self.bases.insert(bisect_left(self.bases, base), base)
+        self.regions_by_owner.setdefault(owner, set()).add(base)
+        return region
+
+    def commit(self, region, first, last, protect):
+        """Commit pages [first, last) of `region` with `protect`. Already committed pages only
+        change protection. Limits are checked and backing allocated before any state flips."""
+        fresh = [(start, stop) for start, stop, value in region.runs(first, last) if value == RESERVED]
+        new_bytes = sum(stop - start for start, stop in fresh) * PAGE_SIZE
+        if new_bytes:
+            owner_total = self.committed_by_owner.get(region.owner, 0) + new_bytes
+            if self.committed + new_bytes > self.commit_limit or (
+                    region.owner != SYSTEM and owner_total > self.process_commit_limit):
+                _fail(WinError.ERROR_COMMITMENT_LIMIT, "commit limit reached")
+            done = []
+            try:
+                for start, stop in fresh:
+                    self.backing.commit(region.base + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
+                    done.append((start, stop))
+            except OSError as exc:
+                for start, stop in done:
+                    self.backing.decommit(region.base + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
+                code = WinError.ERROR_COMMITMENT_LIMIT if exc.errno == errno.ENOSPC else WinError.ERROR_NOT_ENOUGH_MEMORY
+                _fail(code, f"segment cannot back the commit: {exc.strerror}")
+            self._count(region, new_bytes)
+        region.set_pages(first, last, protect)
+
+    def decommit(self, region, first, last):
+        """Decommit pages [first, last); reserved pages in the range are left as they are."""
+        freed = 0
+        for start, stop, value in list(region.runs(first, last)):
+            if value != RESERVED:
+                self.backing.decommit(region.base + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
+                freed += (stop - start) * PAGE_SIZE
+        region.set_pages(first, last, RESERVED)
+        self._count(region, -freed)
+        return freed
+
+    def release(self, region):
+        """Decommit and unreserve a whole region; returns the bytes it had committed."""
+        freed = self.decommit(region, 0, region.pages)
+        del self.regions[region.base]
+        del self.bases[bisect_left(self.bases, region.base)]
+        owned = self.regions_by_owner[region.owner]
+        owned.discard(region.base)
+        if not owned:
+            del self.regions_by_owner[region.owner]
+        self._give(region.base, _round_up(region.end, GRANULE))
+        return freed
+
+    def release_owner(self, owner):
+        """Release every region `owner` holds (process exit). Returns (regions, bytes)."""
+        bases = sorted(self.regions_by_owner.get(owner, ()))
+        freed = sum(self.release(self.regions[base]) for base in bases)
+        return len(bases), freed
+
+    def _count(self, region, delta):
+        self.committed += delta
+        region.committed_pages += delta // PAGE_SIZE
+        total = self.committed_by_owner.get(region.owner, 0) + delta
+        if total:
+            self.committed_by_owner[region.owner] = total
+        else:
+            self.committed_by_owner.pop(region.owner, None)
+
+    # ---- invariants -----------------------------------------------------------------------
+
+    def check(self):
+        """Walk the whole table; raise RuntimeError naming every broken invariant.
+        committed == sum of region commits == sum of per-owner totals; regions and free extents
+        tile the address space without overlap; runs are sorted, in range and coalesced."""
+        problems = []
+        spans = [(s, e, "free") for s, e in zip(self.free_starts, self.free_ends)]
+        for i in range(1, len(self.free_starts)):
+            if self.free_starts[i] <= self.free_ends[i - 1]:
+                problems.append(f"free extents {i - 1},{i} overlap or are not coalesced")
+        by_owner = {}
+        if self.bases != sorted(self.regions):
+            problems.append("bases out of sync with regions")
+        for base, region in self.regions.items():
+            spans.append((base, _round_up(region.end, GRANULE), "region"))
+            if base % GRANULE or region.size % PAGE_SIZE or region.size <= 0:
+                problems.append(f"region {base:#x} misaligned")
+            if region.starts[0] != 0 or any(b <= a for a, b in zip(region.starts, region.starts[1:])):
+                problems.append(f"region {base:#x} runs unsorted")
+            if region.starts[-1] >= region.pages:
+                problems.append(f"region {base:#x} run past its end")
+            if any(a == b for a, b in zip(region.values, region.values[1:])):
+                problems.append(f"region {base:#x} runs not coalesced")
+            pages = region.count_committed(0, region.pages)
+            if pages != region.committed_pages:
+                problems.append(f"region {base:#x} counts {region.committed_pages} pages, has {pages}")
+            by_owner[region.owner] = by_owner.get(region.owner, 0) + pages * PAGE_SIZE
+            if base not in self.regions_by_owner.get(region.owner, ()):
+                problems.append(f"region {base:#x} missing from its owner's set")
+        by_owner = {owner: total for owner, total in by_owner.items() if total}
+        if by_owner != self.committed_by_owner:
+            problems.append(f"per-owner commit {self.committed_by_owner} != walked {by_owner}")
+        if sum(by_owner.values()) != self.committed:
+            problems.append(f"committed {self.committed} != walked {sum(by_owner.values())}")
+        spans.sort()
+        cursor = MIN_ADDRESS
+        for start, end, what in spans:
+            if start != cursor:
+                problems.append(f"{what} at {start:#x}: gap or overlap (expected {cursor:#x})")
+            cursor = end
+        if cursor != self.size:
+            problems.append(f"address space ends at {cursor:#x}, not {self.size:#x}")
+        if problems:
+            raise RuntimeError("page table inconsistent: " + "; ".join(problems))
+        return {"regions": len(self.regions), "free_extents": len(self.free_starts),
+                "committed": self.committed}
+
+    # ---- Win32 semantics ------------------------------------------------------------------
+
+    def _own_region(self, owner, address):
+        region = self.region_at(address)
+        if region is None or region.owner != owner:
+            _fail(WinError.ERROR_INVALID_ADDRESS, f"no region of this process at {address:#x}")
+        return region
+
+    def _page_range(self, owner, address, size):
+        """The caller's region and page range [first, last) covering [address, address+size),
+        which must lie in one region (VA-17, VA-18, VF-12)."""
+        if address + size > self.size:
+            _fail(WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
+        region = self._own_region(owner, address)
+        end = _round_up(address + size, PAGE_SIZE)
+        if end > region.end:
+            _fail(WinError.ERROR_INVALID_ADDRESS, "range crosses the end of its region")
+        return region, (address - region.base) // PAGE_SIZE, (end - region.base) // PAGE_SIZE
+
+    def virtual_alloc(self, owner, address, size, alloc_type, protect):
+        """VirtualAlloc: returns the address of the reserved region or committed pages."""
+        if alloc_type & ~_ALLOC_TYPES or alloc_type & (AT_ROUND_TO_PAGE | MEM_LARGE_PAGES | MEM_PHYSICAL):
+            _fail(WinError.ERROR_INVALID_PARAMETER, "unknown allocation type bits")
+        if alloc_type & (MEM_RESET | MEM_RESET_UNDO):
+            if alloc_type not in (MEM_RESET, MEM_RESET_UNDO):
+                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_RESET combines with no other type")
+            return self._reset(owner, address, size)
+        if not alloc_type & (MEM_COMMIT | MEM_RESERVE):
+            _fail(WinError.ERROR_INVALID_PARAMETER, "allocation type needs MEM_COMMIT or MEM_RESERVE")
+        if alloc_type & MEM_WRITE_WATCH:
+            if not alloc_type & MEM_RESERVE:
+                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_WRITE_WATCH needs MEM_RESERVE")
+            _fail(WinError.ERROR_NOT_SUPPORTED, "write watching is not implemented")
+        check_protection(protect)
+        if size == 0:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+        if address and address < MIN_ADDRESS:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "address below the lowest user address")
+        if address + size > self.size:
+            _fail(WinError.ERROR_INVALID_PARAMETER if alloc_type & MEM_RESERVE or not address
+                  else WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
+        if alloc_type & MEM_RESERVE or not address:
+            # MEM_COMMIT with no address implies MEM_RESERVE (VA-04).
+            region = self.reserve(owner, size, protect, address, bool(alloc_type & MEM_TOP_DOWN))
+            if alloc_type & MEM_COMMIT:
+                try:
+                    self.commit(region, 0, region.pages, protect)
+                except ShmheapError:
+                    self.release(region)
+                    raise
+            return region.base
+        region, first, last = self._page_range(owner, address, size)
+        self.commit(region, first, last, protect)
+        return region.base + first * PAGE_SIZE
+
+    def _reset(self, owner, address, size):
+        # MEM_RESET says the contents are no longer needed; keeping them is a valid outcome
+        # (VA-13) and the only one that keeps commit real: punching the pages out would let a
+        # later write fault in memory that was never fallocated.
+        if size == 0:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+        region, first, _ = self._page_range(owner, address, size)
+        return region.base + first * PAGE_SIZE
+
+    def virtual_free(self, owner, address, size, free_type):
+        if free_type == MEM_RELEASE:
+            if size:
+                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_RELEASE takes size 0")
+            region = self._own_region(owner, address)
+            if _round_down(address, PAGE_SIZE) != region.base:
+                _fail(WinError.ERROR_INVALID_ADDRESS, "MEM_RELEASE needs the region base")
+            if region.kind != "private":
+                _fail(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
+            self.release(region)
+        elif free_type == MEM_DECOMMIT:
+            if size == 0:
+                region = self._own_region(owner, address)
+                if _round_down(address, PAGE_SIZE) != region.base:
+                    _fail(WinError.ERROR_INVALID_ADDRESS, "size 0 decommits from the region base only")
+                first, last = 0, region.pages
+            else:
+                region, first, last = self._page_range(owner, address, size)
+            if region.kind != "private":
+                _fail(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
+            self.decommit(region, first, last)
+        else:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "free type must be MEM_DECOMMIT or MEM_RELEASE")
+        return True
+
+    def virtual_query(self, owner, address):
+        """MEMORY_BASIC_INFORMATION as a tuple: (BaseAddress, AllocationBase, AllocationProtect,
+        RegionSize, State, Protect, Type)."""
+        if address >= self.size:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "address past the end of the address space")
+        page = _round_down(address, PAGE_SIZE)
+        region = self.region_at(address)
+        if region is None:
+            i = bisect_right(self.bases, address)
+            gap_end = self.bases[i] if i < len(self.bases) else self.size
+            return (page, 0, 0, gap_end - page, MEM_FREE, PAGE_NOACCESS, 0)
+        kind = MEM_MAPPED if region.kind == "section" else MEM_PRIVATE
+        if region.owner != owner and not region.shared:
+            # Another process's memory: visible as taken, never as accessible.
+            return (page, region.base, PAGE_NOACCESS, region.end - page, MEM_RESERVE, 0, kind)
+        index = (page - region.base) // PAGE_SIZE
+        _, stop, value = next(region.runs(index, region.pages))
+        state = MEM_RESERVE if value == RESERVED else MEM_COMMIT
+        return (page, region.base, region.alloc_protect, (stop - index) * PAGE_SIZE, state, value, kind)
+
+    def virtual_protect(self, owner, address, size, protect):
+        """VirtualProtect: returns the old protection of the first page."""
+        check_protection(protect)
+        if size == 0:
+            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+        region, first, last = self._page_range(owner, address, size)
+        runs = list(region.runs(first, last))
+        if any(value == RESERVED for _, _, value in runs):
+            _fail(WinError.ERROR_INVALID_ADDRESS, "range holds uncommitted pages")
+        old = runs[0][2]
+        for start, stop, value in runs:
+            # Cache modifiers are fixed when pages are committed (VA-09, modern Windows).
+            region.set_pages(start, stop, (protect & ~PAGE_CACHE_MODIFIERS) | (value & PAGE_CACHE_MODIFIERS))
+        return old
+
+    def access(self, owner, address, size, want_write):
+        """Check that [address, address+size) may be viewed. Returns True if it is writable,
+        False if read-only; fails with ERROR_NOACCESS otherwise. Touching PAGE_GUARD pages
+        clears their guard and fails once with STATUS_GUARD_PAGE_VIOLATION (VA-07)."""
+        if size == 0 or address + size > self.size:
+            _fail(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
+        region = self.region_at(address)
+        if region is None or (region.owner != owner and not region.shared) or address + size > region.end:
+            _fail(WinError.ERROR_NOACCESS, f"no accessible memory at {address:#x}+{size:#x}")
+        first = (address - region.base) // PAGE_SIZE
+        last = (_round_up(address + size, PAGE_SIZE) - region.base) // PAGE_SIZE
+        runs = list(region.runs(first, last))
+        guarded = [(start, stop, value) for start, stop, value in runs if value & PAGE_GUARD]
+        if guarded:
+            for start, stop, value in guarded:
+                region.set_pages(start, stop, value & ~PAGE_GUARD)
+            _fail(WinError.STATUS_GUARD_PAGE_VIOLATION, "guard page touched; guard cleared")
+        if any(not value & PAGE_READABLE for _, _, value in runs):
+            _fail(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
+        writable = all(value & PAGE_WRITABLE for _, _, value in runs)
+        if want_write and not writable:
+            _fail(WinError.ERROR_NOACCESS, "range holds read-only pages")
+        return writable
+
+
+def check_protection(protect):
+    """Exactly one base protection, plus at most one cache modifier and PAGE_GUARD (VA-05)."""
+    base = protect & PAGE_BASE_MASK
+    modifiers = protect & ~PAGE_BASE_MASK
+    if (base not in _BASE_PROTECTIONS
+            or modifiers & ~(PAGE_GUARD | PAGE_NOCACHE | PAGE_WRITECOMBINE)
+            or modifiers & PAGE_CACHE_MODIFIERS == PAGE_CACHE_MODIFIERS
+            or (base == PAGE_NOACCESS and modifiers)
+            or (modifiers & PAGE_GUARD and modifiers & PAGE_NOCACHE)):
+        _fail(WinError.ERROR_INVALID_PARAMETER, f"invalid page protection {protect:#x}")

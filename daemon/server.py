@@ -1,0 +1,278 @@
+"""The server: one event loop, many clients, one dispatch table.
+
+Every connection is read without blocking; whatever whole frames arrived are answered in order
+and the replies sent in one write, so pipelined requests cost one syscall each way. Nothing a
+peer sends can stop the loop: a refused request becomes an error reply, a framing violation
+closes that connection only, and an unexpected exception in a handler is logged and answered
+with ERROR_GEN_FAILURE.
+"""
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+
+from shmheap.errors import ProtocolError, ShmheapError, WinError
+from shmheap.protocol import OPS, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
+
+from .reaper import release_process
+from .sessions import Session
+
+log = logging.getLogger("shmheapd.server")
+
+RECV_SIZE = 256 * 1024
+MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Handlers:
+    """One method per op of `shmheap.protocol.OPS`, named after it. Each takes the session
+    and the checked arguments and returns the result, or raises ShmheapError."""
+
+    def __init__(self, daemon_info, pagetable, sessions):
+        self.info = daemon_info
+        self.pagetable = pagetable
+        self.sessions = sessions
+
+    def hello(self, session, version, client_info):
+        if version != PROTOCOL_VERSION:
+            raise ShmheapError(WinError.ERROR_NOT_SUPPORTED,
+                               f"protocol version {version}, daemon speaks {PROTOCOL_VERSION}")
+        if not session.greeted:
+            session.greeted = True
+            self.sessions.attach(session)
+        return dict(self.info, pid=session.pid)
+
+    def echo(self, session, value):
+        return value
+
+    def system_info(self, session):
+        return dict(self.info, pid=session.pid)
+
+    def memory_status(self, session):
+        table = self.pagetable
+        free_virtual = sum(end - start for start, end in zip(table.free_starts, table.free_ends))
+        return {"commit_limit": table.commit_limit, "committed": table.committed,
+                "process_committed": table.committed_by_owner.get(session.pid, 0),
+                "process_commit_limit": table.process_commit_limit,
+                "resident": table.backing.resident_bytes(),
+                "total_virtual": table.size - self.info["min_address"],
+                "free_virtual": free_virtual}
+
+    def virtual_alloc(self, session, address, size, alloc_type, protect):
+        return self.pagetable.virtual_alloc(session.pid, address, size, alloc_type, protect)
+
+    def virtual_free(self, session, address, size, free_type):
+        return self.pagetable.virtual_free(session.pid, address, size, free_type)
+
+    def virtual_query(self, session, address):
+        return self.pagetable.virtual_query(session.pid, address)
+
+    def virtual_protect(self, session, address, size, protect):
+        return self.pagetable.virtual_protect(session.pid, address, size, protect)
+
+    def access(self, session, address, size, want_write):
+        return self.pagetable.access(session.pid, address, size, bool(want_write))
+
+    def status(self, session):
+        table = self.pagetable
+        return {
+            "daemon_pid": self.info["daemon_pid"],
+            "processes": [{"pid": p.pid, "connections": len(p.sessions), "started": p.started,
+                           "committed": table.committed_by_owner.get(p.pid, 0)}
+                          for p in self.sessions.processes.values()],
+            "regions": [[r.base, r.size, r.owner, r.kind, r.committed_pages]
+                        for r in (table.regions[b] for b in table.bases)],
+            "committed": table.committed,
+            "resident": table.backing.resident_bytes(),
+        }
+
+    def check(self, session):
+        try:
+            return self.pagetable.check()
+        except RuntimeError as exc:
+            raise ShmheapError(WinError.ERROR_GEN_FAILURE, str(exc)) from None
+
+
+class Server:
+    def __init__(self, listener, handlers, sessions, pagetable, *, allowed_uids, idle_exit):
+        self.listener = listener
+        self.handlers = handlers
+        self.sessions = sessions
+        self.pagetable = pagetable
+        self.allowed_uids = allowed_uids
+        self.idle_exit = idle_exit
+        self.table = {op: getattr(handlers, op) for op in OPS}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.live = set()
+
+    def serve_forever(self):
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(wake_r, selectors.EVENT_READ, lambda sock, mask: sock.recv(512))
+        idle_since = time.monotonic()
+        try:
+            while not self.stopping:
+                timeout = None
+                if self.idle_exit and not self.live:
+                    timeout = idle_since + self.idle_exit - time.monotonic()
+                    if timeout <= 0:
+                        log.info("idle for %ss with no clients: exiting", self.idle_exit)
+                        break
+                for key, mask in self.selector.select(timeout):
+                    key.data(key.fileobj, mask)
+                if self.live:
+                    idle_since = time.monotonic()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for session in list(self.live):
+                self._close(session)
+            self.selector.close()
+            wake_r.close()
+            wake_w.close()
+
+    def _on_signal(self, signum, frame):
+        log.info("signal %d: shutting down", signum)
+        self.stopping = True
+
+    def _accept(self, listener, mask):
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid not in self.allowed_uids:
+            log.warning("refused pid %d of uid %d", pid, uid)
+            try:
+                sock.setblocking(False)
+                sock.send(encode_reply(0, WinError.ERROR_ACCESS_DENIED, f"uid {uid} is not allowed"))
+            except OSError:
+                pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        session = Session(sock, pid, uid)
+        self.live.add(session)
+        self.selector.register(sock, selectors.EVENT_READ, lambda s, m: self._on_ready(session, m))
+        log.debug("pid %d connected", pid)
+
+    def _on_ready(self, session, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush(session)
+        if mask & selectors.EVENT_READ and session in self.live:
+            self._read(session)
+
+    def _read(self, session):
+        try:
+            data = session.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(session)
+            return
+        try:
+            frames = session.decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("pid %d broke the protocol (%s): dropped", session.pid, exc)
+            self._close(session)
+            return
+        out = session.outbuf
+        for frame in frames:
+            try:
+                out += self._dispatch(session, frame)
+            except ProtocolError as exc:
+                log.warning("pid %d sent a bad frame (%s): dropped", session.pid, exc)
+                self._close(session)
+                return
+        self._flush(session)
+
+    def _dispatch(self, session, frame):
+        try:
+            msgid, op, args = parse_request(frame)
+        except RequestError as exc:
+            return encode_reply(exc.msgid, exc.code, str(exc))
+        if not session.greeted and op != "hello":
+            return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
+        try:
+            return encode_reply(msgid, 0, self.table[op](session, *args))
+        except ShmheapError as exc:
+            return encode_reply(msgid, exc.winerror, exc.args[0])
+        except Exception:
+            log.exception("handler %s failed for pid %d", op, session.pid)
+            return encode_reply(msgid, WinError.ERROR_GEN_FAILURE, f"internal error in {op}")
+
+    def _flush(self, session):
+        out = session.outbuf
+        try:
+            while out:
+                sent = session.sock.send(out)
+                del out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(session)
+            return
+        if len(out) > MAX_PENDING_OUTPUT:
+            log.warning("pid %d does not read its replies: dropped", session.pid)
+            self._close(session)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+        if self.selector.get_key(session.sock).events != events:
+            self.selector.modify(session.sock, events, self.selector.get_key(session.sock).data)
+
+    def _close(self, session):
+        if session not in self.live:
+            return
+        self.live.discard(session)
+        self.selector.unregister(session.sock)
+        session.sock.close()
+        process = self.sessions.detach(session)
+        if process is not None:
+            release_process(process.pid, self.pagetable)
+        log.debug("pid %d disconnected", session.pid)
+
+
+def peer_is_listening(path):
+    """True if a daemon accepts on `path` (a stale socket file refuses)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def listen(path):
+    """A listening socket at `path`, mode 0600, that accepts from the instant the path exists:
+    bound and listening under a temporary name, then renamed into place."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        sock.bind(temp)
+        os.chmod(temp, 0o600)
+        sock.listen(128)
+        os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+    return sock

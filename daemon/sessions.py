@@ -1,0 +1,62 @@
+"""Sessions (one per connection) and processes (one per client pid).
+
+Ownership is keyed by process, not by connection: a process may open several connections
+(threads, libraries) and its memory lives until the last of them closes, which is exactly when
+the process has exited on Windows. The kernel closes a dead process's sockets for it, whatever
+killed it, so a closed connection is all the reaper needs to learn of a death.
+"""
+
+import time
+
+from shmheap.protocol import Decoder
+
+
+class Session:
+    """One client connection: its socket, framing state and pending output."""
+
+    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process")
+
+    def __init__(self, sock, pid, uid):
+        self.sock = sock
+        self.pid = pid  # from SO_PEERCRED, never from the peer's words
+        self.uid = uid
+        self.decoder = Decoder()
+        self.outbuf = bytearray()
+        self.greeted = False
+        self.process = None
+
+
+class Process:
+    """A client process: what it owns is recorded by the layers under its pid."""
+
+    __slots__ = ("pid", "sessions", "started")
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.sessions = set()
+        self.started = time.time()
+
+
+class Sessions:
+    def __init__(self):
+        self.processes = {}
+
+    def attach(self, session):
+        process = self.processes.get(session.pid)
+        if process is None:
+            process = self.processes[session.pid] = Process(session.pid)
+        process.sessions.add(session)
+        session.process = process
+        return process
+
+    def detach(self, session):
+        """Forget a closed session; returns its Process if that was its last connection."""
+        process = session.process
+        if process is None:
+            return None
+        session.process = None
+        process.sessions.discard(session)
+        if process.sessions:
+            return None
+        del self.processes[process.pid]
+        return process

@@ -1,0 +1,16 @@
+"""shmheap: the Windows memory model (VirtualAlloc, heaps, global memory) over one shared
+segment owned by the `shmheapd` daemon. See ../shared/DESIGN.md for the layers.
+
+    import shmheap
+    with shmheap.connect() as client:   # starts an embedded daemon if none listens
+        ...
+    from shmheap.win32 import VirtualAlloc, MEM_COMMIT, PAGE_READWRITE
+"""
+
+from .client import Client, connect
+from .errors import (GuardPageError, ProtocolError, ShmheapError, ShmheapMemoryError,
+                     ShmheapPermissionError, ShmheapValueError, WinError)
+
+__all__ = ["Client", "connect", "WinError", "ShmheapError", "ShmheapMemoryError",
+           "ShmheapPermissionError", "ShmheapValueError", "GuardPageError", "ProtocolError"]
+__version__ = "0.1.0"

@@ -1,0 +1,250 @@
+"""The client: one connection to the daemon plus the process's mapping of the segment.
+
+`connect()` assembles the stack: socket path, (autostarted) daemon, socket, handshake, mapping.
+
+Calls are thread-safe: a lock covers each round trip (send, then read until the reply with our
+msgid), so threads share one connection and take turns; `call_many` pipelines a batch in one
+write and one read. After `fork()` the child never speaks on its parent's socket: a fork hook
+closes the inherited descriptor in the child, and the next call there opens a new connection
+under the child's own pid, so the child owns what it allocates and the parent keeps its own.
+"""
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from . import segment
+from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_reply
+
+AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
+CONNECT_TIMEOUT = 10.0
+RECV_SIZE = 256 * 1024
+
+_clients = weakref.WeakSet()
+
+
+def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
+    """Connect to the daemon on `socket_path` (default: `segment.default_socket_path()`),
+    starting an embedded one first if none listens and `autostart` is true."""
+    path = os.path.abspath(socket_path or segment.default_socket_path())
+    return Client(path, autostart=autostart, timeout=timeout)
+
+
+class Client:
+    _sock = None  # a half-built client is safe to close
+
+    def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT):
+        self.path = path
+        self._autostart = autostart
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.mapping = None
+        self._view = None
+        self._connect()
+        _clients.add(self)
+
+    # ---- connection ----------------------------------------------------------------------
+
+    def _connect(self):
+        sock = _open_socket(self.path, self._autostart, self._timeout)
+        self._sock = sock
+        self._unpacker = new_unpacker()
+        self._pid = os.getpid()
+        try:
+            info = self._roundtrip([("hello", (PROTOCOL_VERSION, {"pid": self._pid}))])[0]
+            error, result = info
+            if error:
+                raise_for(error, f"handshake refused: {result}")
+        except BaseException:
+            self._drop_socket()
+            raise
+        if self.mapping is None:
+            self.mapping = segment.map_segment(result["segment"], result["size"])
+            self._view = memoryview(self.mapping)
+        elif result["generation"] != self.info["generation"]:
+            self._drop_socket()
+            raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "the daemon restarted; reconnect")
+        self.info = result
+        self.pid = result["pid"]  # as the daemon sees us (SO_PEERCRED)
+
+    def _drop_socket(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _after_fork_in_child(self):
+        # The inherited socket is the parent's conversation: close our copy of the descriptor
+        # (the parent's stays open) and start afresh on the next call.
+        self._lock = threading.Lock()
+        self._drop_socket()
+
+    @property
+    def closed(self):
+        return self._sock is None and self.mapping is None
+
+    def close(self):
+        self._drop_socket()
+        _clients.discard(self)
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:
+                pass  # views handed out still use it; it unmaps when they are gone
+            self.mapping = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- calls ---------------------------------------------------------------------------
+
+    def call_raw(self, op, *args):
+        """One request; returns (error, result) without raising for Win32 errors."""
+        return self.call_many([(op, args)])[0]
+
+    def call(self, op, *args):
+        """One request; returns its result or raises the exception for its Win32 error."""
+        error, result = self.call_many([(op, args)])[0]
+        if error:
+            raise_for(error, result if isinstance(result, str) else None)
+        return result
+
+    def call_many(self, requests):
+        """Pipeline [(op, args), ...] in one write; returns [(error, result), ...] in order."""
+        with self._lock:
+            if self._sock is None or self._pid != os.getpid():
+                if self.mapping is None:
+                    raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
+                self._drop_socket()
+                self._connect()
+            return self._roundtrip(requests)
+
+    def _roundtrip(self, requests):
+        ids = [next(self._ids) for _ in requests]
+        payload = b"".join(encode_request(msgid, op, args) for msgid, (op, args) in zip(ids, requests))
+        replies = {}
+        try:
+            self._sock.sendall(payload)
+            while len(replies) < len(ids):
+                data = self._sock.recv(RECV_SIZE)
+                if not data:
+                    raise ProtocolError(WinError.ERROR_GEN_FAILURE, "the daemon closed the connection")
+                self._unpacker.feed(data)
+                for frame in self._unpacker:
+                    msgid, error, result = parse_reply(frame)
+                    if msgid == 0 and error:  # refused before any request (foreign uid)
+                        raise_for(error, result)
+                    replies[msgid] = (error, result)
+        except ShmheapError:
+            self._drop_socket()
+            raise
+        except OSError as exc:
+            self._drop_socket()
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+        return [replies[msgid] for msgid in ids]
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def view(self, address, size, *, write=False):
+        """A zero-copy memoryview of [address, address+size), checked by the daemon: the
+        pages must be committed, readable and ours (or shared); read-only pages give a
+        read-only view, and `write=True` insists on a writable one."""
+        if size == 0:
+            return self._view[0:0]
+        writable = self.call("access", address, size, int(write))
+        mv = self._view[address:address + size]
+        return mv if writable else mv.toreadonly()
+
+    def raw_view(self, address, size):
+        """The bytes at [address, address+size) with no check at all: the whole segment is
+        mapped in every process, as any kernel's memory is to a debugger."""
+        if address < 0 or size < 0 or address + size > len(self._view):
+            raise ValueError("range outside the segment")
+        return self._view[address:address + size]
+
+    def status(self):
+        return self.call("status")
+
+    def check(self):
+        """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
+        return self.call("check")
+
+
+def _open_socket(path, autostart, timeout):
+    """A connected socket to the daemon on `path`, starting one if allowed and needed."""
+    deadline = time.monotonic() + timeout
+    started = None
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if not autostart:
+                raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"no shmheapd on {path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
+        if started is None:
+            started = _start_daemon(path)
+        if time.monotonic() > deadline:
+            raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}")
+        time.sleep(0.01)
+
+
+def _start_daemon(path):
+    """Start a detached daemon on `path` that exits when idle; it logs beside its socket."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    idle = os.environ.get("SHMHEAP_IDLE_EXIT", str(AUTOSTART_IDLE_EXIT))
+    with open(os.path.join(folder, "shmheapd.log"), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shmheapd", "--socket", path, "--idle-exit", idle],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_client():
+    """The connection the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart)."""
+    global _default
+    client = _default
+    if client is None or client.closed:
+        with _default_lock:
+            if _default is None or _default.closed:
+                _default = connect()
+            client = _default
+    return client
+
+
+def close_default():
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+            _default = None
+
+
+def _after_fork_in_child():
+    global _default_lock
+    _default_lock = threading.Lock()
+    for client in list(_clients):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,113 @@
+"""Win32 error codes and the one table that turns them into Python exceptions.
+
+Every failure in shmheap is a Win32 error code: the daemon sends it in the reply, the Win32
+facade stores it for `GetLastError()`, and the Pythonic API raises the exception class that
+`error_class()` maps it to. Each class subclasses the builtin that fits (so `except MemoryError`
+works) and carries the code as `.winerror`, like `OSError.winerror` on Windows.
+"""
+
+from enum import IntEnum
+
+
+class WinError(IntEnum):
+    """Win32 error codes, with Win32 values (winerror.h)."""
+
+    ERROR_SUCCESS = 0
+    ERROR_INVALID_FUNCTION = 1
+    ERROR_ACCESS_DENIED = 5
+    ERROR_INVALID_HANDLE = 6
+    ERROR_NOT_ENOUGH_MEMORY = 8
+    ERROR_INVALID_BLOCK = 9
+    ERROR_OUTOFMEMORY = 14
+    ERROR_BAD_LENGTH = 24
+    ERROR_GEN_FAILURE = 31
+    ERROR_NOT_SUPPORTED = 50
+    ERROR_INVALID_PARAMETER = 87
+    ERROR_INSUFFICIENT_BUFFER = 122
+    ERROR_DISCARDED = 157
+    ERROR_NOT_LOCKED = 158
+    ERROR_ALREADY_EXISTS = 183
+    ERROR_NO_MORE_ITEMS = 259
+    ERROR_PARTIAL_COPY = 299
+    ERROR_INVALID_ADDRESS = 487
+    ERROR_NOACCESS = 998
+    ERROR_COMMITMENT_LIMIT = 1455
+    ERROR_TIMEOUT = 1460
+    # Not a Win32 error code: STATUS_GUARD_PAGE_VIOLATION, raised once by the first access to a
+    # PAGE_GUARD page (the exception code Windows raises there).
+    STATUS_GUARD_PAGE_VIOLATION = 0x80000001
+
+
+globals().update(WinError.__members__)
+
+
+class ShmheapError(Exception):
+    """Base of every shmheap exception; `.winerror` is the Win32 code."""
+
+    winerror = WinError.ERROR_GEN_FAILURE
+
+    def __init__(self, winerror, message=None):
+        self.winerror = _as_code(winerror)
+        super().__init__(message or _describe(self.winerror))
+
+    def __str__(self):
+        return f"[WinError {int(self.winerror)}] {self.args[0]}"
+
+
+class ShmheapMemoryError(ShmheapError, MemoryError):
+    """Out of address space, commit or heap memory."""
+
+
+class ShmheapPermissionError(ShmheapError, PermissionError):
+    """Access refused: another owner's memory, wrong page protection, foreign uid."""
+
+
+class ShmheapValueError(ShmheapError, ValueError):
+    """An argument the call refuses: bad flags, address, size or handle."""
+
+
+class GuardPageError(ShmheapPermissionError):
+    """First touch of a PAGE_GUARD page; the guard is cleared, a second touch succeeds."""
+
+
+class ProtocolError(ShmheapError, ConnectionError):
+    """The peer broke the wire protocol or went away (as opposed to misuse by the caller)."""
+
+
+_ERROR_CLASSES = {
+    WinError.ERROR_NOT_ENOUGH_MEMORY: ShmheapMemoryError,
+    WinError.ERROR_OUTOFMEMORY: ShmheapMemoryError,
+    WinError.ERROR_COMMITMENT_LIMIT: ShmheapMemoryError,
+    WinError.ERROR_ACCESS_DENIED: ShmheapPermissionError,
+    WinError.ERROR_NOACCESS: ShmheapPermissionError,
+    WinError.STATUS_GUARD_PAGE_VIOLATION: GuardPageError,
+    WinError.ERROR_INVALID_PARAMETER: ShmheapValueError,
+    WinError.ERROR_INVALID_ADDRESS: ShmheapValueError,
+    WinError.ERROR_INVALID_HANDLE: ShmheapValueError,
+    WinError.ERROR_INVALID_BLOCK: ShmheapValueError,
+    WinError.ERROR_BAD_LENGTH: ShmheapValueError,
+    WinError.ERROR_INVALID_FUNCTION: ShmheapValueError,
+    WinError.ERROR_ALREADY_EXISTS: ShmheapValueError,
+    WinError.ERROR_NOT_LOCKED: ShmheapValueError,
+    WinError.ERROR_DISCARDED: ShmheapValueError,
+}
+
+
+def _as_code(code):
+    try:
+        return WinError(code)
+    except ValueError:
+        return int(code)
+
+
+def _describe(code):
+    return code.name if isinstance(code, WinError) else f"Win32 error {code}"
+
+
+def error_class(code):
+    """The exception class for a Win32 error code."""
+    return _ERROR_CLASSES.get(code, ShmheapError)
+
+
+def raise_for(code, message=None):
+    raise error_class(code)(code, message)

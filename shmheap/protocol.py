@@ -1,0 +1,162 @@
+"""The wire protocol, sans I/O: bytes in, checked messages out; messages in, bytes out.
+
+Frames are msgpack arrays on a Unix stream socket (msgpack is self-delimiting, so a frame is
+one msgpack object):
+
+    request  [msgid, op, *args]        msgid: uint64 chosen by the client, op: str
+    reply    [msgid, error, result]    error: Win32 code, 0 on success; result: None on error
+
+Requests may be pipelined; every reply carries the msgid of its request, so one failed request
+does not hide its neighbours. Two families of failure, as in h11:
+
+    RequestError   the request is well framed but wrong (unknown op, bad arguments): the
+                   daemon replies with the error code and carries on with the connection.
+    ProtocolError  the peer broke the framing (not msgpack, not an array, no msgid, a frame
+                   over the limits): the daemon drops that connection only.
+
+Handshake (the first request of every connection; anything else first is refused):
+
+    client -> daemon   [msgid, "hello", PROTOCOL_VERSION, {"pid": os.getpid()}]
+    daemon -> client   [msgid, 0, {"version", "segment", "size", "page_size", "granularity",
+                                   "pid" (the caller as SO_PEERCRED sees it), "daemon_pid",
+                                   "generation", "commit_limit", "process_commit_limit"}]
+    on a version mismatch the reply is ERROR_NOT_SUPPORTED and the connection is closed;
+    a peer of another uid gets [0, ERROR_ACCESS_DENIED, None] and is closed before any request.
+"""
+
+import msgpack
+
+from .errors import ProtocolError, WinError
+
+PROTOCOL_VERSION = 1
+
+# Unpacker bounds: no frame, string or container from a peer may exceed these.
+MAX_FRAME = 1 << 20
+MAX_STR = 1 << 16
+MAX_ARRAY = 1 << 17  # room for batch requests of 100k items
+MAX_MAP = 1 << 10
+
+U64_MAX = 2**64 - 1
+
+
+def _u64(value):
+    return type(value) is int and 0 <= value <= U64_MAX
+
+
+def _u32(value):
+    return type(value) is int and 0 <= value <= 0xFFFFFFFF
+
+
+def _str(value):
+    return type(value) is str
+
+
+def _opt_str(value):
+    return value is None or type(value) is str
+
+
+def _bytes(value):
+    return type(value) is bytes
+
+
+def _map(value):
+    return type(value) is dict
+
+
+def _list_u64(value):
+    return type(value) is list and all(_u64(item) for item in value)
+
+
+def _any(value):
+    return True
+
+
+# The op table: every message the daemon understands and the shape of its arguments.
+# The same name is used by the client stub, this table and the daemon handler.
+OPS = {
+    "hello": (_u32, _map),
+    "echo": (_any,),
+    "system_info": (),
+    "memory_status": (),
+    "virtual_alloc": (_u64, _u64, _u32, _u32),
+    "virtual_free": (_u64, _u64, _u32),
+    "virtual_query": (_u64,),
+    "virtual_protect": (_u64, _u64, _u32),
+    "access": (_u64, _u64, _u32),  # check before a view: address, size, want_write
+    "status": (),
+    "check": (),
+}
+
+
+class RequestError(Exception):
+    """A well-framed request the daemon refuses; it answers with `code` and carries on."""
+
+    def __init__(self, msgid, code, message):
+        super().__init__(message)
+        self.msgid = msgid
+        self.code = code
+
+
+def new_unpacker():
+    return msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=MAX_FRAME,
+        max_str_len=MAX_STR,
+        max_bin_len=MAX_FRAME,
+        max_array_len=MAX_ARRAY,
+        max_map_len=MAX_MAP,
+        max_ext_len=0,
+        strict_map_key=True,
+    )
+
+
+class Decoder:
+    """Feed bytes, get whole frames back. Raises ProtocolError on anything that is not msgpack
+    within the limits; after that the connection is unusable and must be closed."""
+
+    def __init__(self):
+        self._unpacker = new_unpacker()
+
+    def feed(self, data):
+        try:
+            self._unpacker.feed(data)
+            return list(self._unpacker)
+        except msgpack.BufferFull:
+            raise ProtocolError(WinError.ERROR_BAD_LENGTH, "frame exceeds the size limit") from None
+        except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
+            # ValueError covers ExtraData, FormatError, StackError and the length limits.
+            raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"malformed frame: {exc}") from None
+
+
+_packer = msgpack.Packer()
+
+
+def encode_request(msgid, op, args):
+    return _packer.pack([msgid, op, *args])
+
+
+def encode_reply(msgid, error, result):
+    return _packer.pack([msgid, int(error), result])
+
+
+def parse_request(frame):
+    """Check a request frame. Returns (msgid, op, args); raises RequestError or ProtocolError."""
+    if type(frame) is not list or not frame or not _u64(frame[0]):
+        raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, "a request is [msgid, op, *args]")
+    msgid = frame[0]
+    if len(frame) < 2 or type(frame[1]) is not str:
+        raise RequestError(msgid, WinError.ERROR_INVALID_FUNCTION, "missing op")
+    op, args = frame[1], frame[2:]
+    spec = OPS.get(op)
+    if spec is None:
+        raise RequestError(msgid, WinError.ERROR_INVALID_FUNCTION, f"unknown op {op[:64]!r}")
+    if len(args) != len(spec) or not all(check(arg) for check, arg in zip(spec, args)):
+        raise RequestError(msgid, WinError.ERROR_INVALID_PARAMETER, f"bad arguments for {op}")
+    return msgid, op, args
+
+
+def parse_reply(frame):
+    """Check a reply frame. Returns (msgid, error, result); raises ProtocolError."""
+    if type(frame) is not list or len(frame) != 3 or not _u64(frame[0]) or not _u64(frame[1]):
+        raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"malformed reply {frame!r:.80}")
+    return frame[0], frame[1], frame[2]
