@@ -67,10 +67,10 @@ def _take_lock(path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(filename=args.log_file, level=args.log_level,
-                        format="%(asctime)s shmheapd[%(process)d] %(levelname)s %(message)s")
     path = os.path.abspath(args.socket or segment.default_socket_path())
     _prepare_socket_dir(path)
+    logging.basicConfig(filename=args.log_file, level=args.log_level,
+                        format="%(asctime)s shmheapd[%(process)d] %(levelname)s %(message)s")
 
     lock_fd = _take_lock(path)
     if lock_fd is None or peer_is_listening(path):

@@ -135,12 +135,17 @@ class Client:
         ids = [next(self._ids) for _ in requests]
         payload = b"".join(encode_request(msgid, op, args) for msgid, (op, args) in zip(ids, requests))
         replies = {}
+        send_error = None
         try:
-            self._sock.sendall(payload)
+            try:
+                self._sock.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                send_error = exc  # the daemon may have said why before it closed: read on
             while len(replies) < len(ids):
                 data = self._sock.recv(RECV_SIZE)
                 if not data:
-                    raise ProtocolError(WinError.ERROR_GEN_FAILURE, "the daemon closed the connection")
+                    raise ProtocolError(WinError.ERROR_GEN_FAILURE,
+                                        f"the daemon closed the connection{f' ({send_error})' if send_error else ''}")
                 self._unpacker.feed(data)
                 for frame in self._unpacker:
                     msgid, error, result = parse_reply(frame)

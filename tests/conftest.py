@@ -1,0 +1,142 @@
+"""Fixtures: every test gets its own real daemon, on its own short socket path (Unix socket
+paths are limited to 108 bytes) and so its own segment; teardown stops it with SIGTERM and
+asserts that the socket and segment are gone."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import posix_ipc
+import pytest
+
+from shmheap import client as client_module
+from shmheap import segment
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
+    """Poll `predicate` until it is truthy or the deadline passes (no bare sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _accepts(path):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class Daemon:
+    """A real shmheapd process on a private socket."""
+
+    def __init__(self, folder, *args, size="256M"):
+        self.folder = folder
+        self.socket = os.path.join(folder, "d.sock")
+        self.segment = segment.segment_name(self.socket)
+        self.log = os.path.join(folder, "daemon.log")
+        self.args = ["--socket", self.socket, "--size", size, "--log-level", "DEBUG",
+                     "--log-file", self.log, *args]
+        self.proc = None
+
+    def start(self, timeout=10.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmheapd", *self.args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_until(lambda: _accepts(self.socket) or self.proc.poll() is not None, timeout,
+                   what="the daemon to listen")
+        if self.proc.poll() is not None:
+            out, err = self.proc.communicate()
+            raise AssertionError(f"daemon exited {self.proc.returncode}: {err.decode()}")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        if self.proc:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.proc.returncode if self.proc else None
+
+    def resident_bytes(self):
+        """st_blocks of the segment, as the kernel counts its tmpfs pages."""
+        shm = posix_ipc.SharedMemory(self.segment)
+        try:
+            return os.fstat(shm.fd).st_blocks * 512
+        finally:
+            shm.close_fd()
+
+    def segment_exists(self):
+        try:
+            posix_ipc.SharedMemory(self.segment).close_fd()
+            return True
+        except posix_ipc.ExistentialError:
+            return False
+
+    def log_text(self):
+        with open(self.log) as f:
+            return f.read()
+
+
+@pytest.fixture
+def short_dir():
+    folder = tempfile.mkdtemp(prefix="shm", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(short_dir):
+    """Factory: make_daemon(*args, size=...) starts another daemon in this test's folder."""
+    made = []
+
+    def make(*args, size="256M", start=True, folder=None):
+        folder = folder or tempfile.mkdtemp(prefix="d", dir=short_dir)
+        daemon = Daemon(folder, *args, size=size)
+        made.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in made:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            assert daemon.stop() == 0, daemon.log_text()
+            assert not os.path.exists(daemon.socket), "socket left behind"
+            assert not daemon.segment_exists(), "segment left behind"
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return make_daemon()
+
+
+@pytest.fixture
+def client(daemon):
+    with client_module.connect(daemon.socket, autostart=False) as c:
+        yield c
+
+
+@pytest.fixture
+def win32(daemon, monkeypatch):
+    """The Win32 facade bound to this test's daemon (through SHMHEAP_SOCKET)."""
+    monkeypatch.setenv("SHMHEAP_SOCKET", daemon.socket)
+    client_module.close_default()
+    from shmheap import win32 as facade
+    facade.SetLastError(0)
+    yield facade
+    # Everything the facade did must leave the daemon consistent.
+    client_module.default_client().check()
+    client_module.close_default()

@@ -1,0 +1,179 @@
+"""The daemon as a process: start-up, shutdown, stale state, refusal, and bad input on the
+socket, against real daemons and raw sockets."""
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from shmheap import connect
+from shmheap.constants import MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
+from shmheap.errors import ShmheapPermissionError, WinError
+from shmheap.protocol import PROTOCOL_VERSION
+
+from conftest import Daemon, wait_until
+
+
+def raw_socket(daemon, hello=True):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(daemon.socket)
+    if hello:
+        sock.sendall(msgpack.packb([1, "hello", PROTOCOL_VERSION, {}]))
+        assert read_frame(sock)[1] == 0
+    return sock
+
+
+def read_frame(sock):
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        unpacker.feed(data)
+        for frame in unpacker:
+            return frame
+
+
+def is_dropped(sock):
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_socket_is_private_and_dir_created_0700(make_daemon, short_dir):
+    daemon = make_daemon(folder=os.path.join(short_dir, "new"))
+    assert stat.S_IMODE(os.stat(daemon.folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
+
+
+def test_sigterm_unlinks_socket_and_segment(daemon):
+    assert daemon.segment_exists()
+    assert daemon.stop() == 0
+    assert not os.path.exists(daemon.socket)
+    assert not daemon.segment_exists()
+
+
+def test_second_daemon_on_a_live_socket_refuses(daemon, client):
+    rival = Daemon(daemon.folder, size="64M")
+    rival.args[rival.args.index("--log-file") + 1] += ".rival"
+    proc = subprocess.run([sys.executable, "-m", "shmheapd", *rival.args], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "already running" in proc.stderr
+    assert client.call("echo", "still here") == "still here"
+
+
+def test_stale_socket_and_segment_of_a_killed_daemon_are_replaced(make_daemon):
+    first = make_daemon()
+    with connect(first.socket, autostart=False) as c:
+        generation = c.info["generation"]
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert os.path.exists(first.socket) and first.segment_exists()  # left behind by the dead
+    second = make_daemon(folder=first.folder)
+    with connect(second.socket, autostart=False) as c:
+        assert c.info["generation"] != generation
+        assert c.info["daemon_pid"] == second.proc.pid
+        assert c.status()["regions"] == []
+
+
+def test_idle_daemon_exits_and_cleans_up(make_daemon):
+    daemon = make_daemon("--idle-exit", "0.3")
+    with connect(daemon.socket, autostart=False) as c:
+        c.call("echo", 1)
+    assert daemon.proc.wait(timeout=10) == 0
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
+
+
+def test_garbage_and_bad_frames_leave_others_served(daemon, client):
+    address = client.call("virtual_alloc", 0, 65536, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+    client.view(address, 4, write=True)[:] = b"keep"
+
+    cases = [
+        b"\xc1\xc1\xc1\xc1",  # not msgpack at all
+        msgpack.packb({"op": "echo"}),  # msgpack, but not a request
+        msgpack.packb(["x", "echo", 1]),  # no msgid
+        b"\xc6" + (64 << 20).to_bytes(4, "big") + b"\0" * (2 << 20),  # a 64 MiB frame
+        b"\x92\x01\xa3\xff\xfe\xfd",  # [1, <a str that is not UTF-8>]
+    ]
+    for payload in cases:
+        sock = raw_socket(daemon, hello=False)
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # dropped mid-send: as good as dropped after
+        else:
+            assert is_dropped(sock), payload[:16]
+        sock.close()
+
+    sock = raw_socket(daemon, hello=False)
+    sock.sendall(msgpack.packb([5, "virtual_query", 65536]))  # before the handshake
+    assert read_frame(sock)[:2] == [5, WinError.ERROR_ACCESS_DENIED]
+    sock.sendall(msgpack.packb([6, "hello", PROTOCOL_VERSION + 99, {}]))
+    assert read_frame(sock)[:2] == [6, WinError.ERROR_NOT_SUPPORTED]
+    sock.close()
+
+    sock = raw_socket(daemon)  # well framed but wrong: answered, connection kept
+    sock.sendall(msgpack.packb([7, "no_such_op"]) + msgpack.packb([8, "virtual_alloc", "a", 1, 2, 3])
+                 + msgpack.packb([9, "virtual_free", address + 0x1000, 0, 0x8000]) + msgpack.packb([10, "echo", "ok"]))
+    replies = []
+    unpacker = msgpack.Unpacker(raw=False)
+    while len(replies) < 4:
+        unpacker.feed(sock.recv(65536))
+        replies.extend(unpacker)
+    assert [r[:2] for r in replies] == [[7, WinError.ERROR_INVALID_FUNCTION],
+                                        [8, WinError.ERROR_INVALID_PARAMETER],
+                                        [9, WinError.ERROR_INVALID_ADDRESS],  # not a region base
+                                        [10, 0]]
+    sock.close()
+
+    assert bytes(client.view(address, 4)) == b"keep"
+    assert client.call("echo", "alive") == "alive"
+    client.check()
+    assert daemon.proc.poll() is None
+
+
+def test_pipelined_errors_do_not_hide_neighbours(client):
+    requests = [("echo", (i,)) if i % 3 else ("virtual_query", (2**63,)) for i in range(300)]
+    replies = client.call_many(requests)
+    for i, (error, result) in enumerate(replies):
+        if i % 3:
+            assert (error, result) == (0, i)
+        else:
+            assert error == WinError.ERROR_INVALID_PARAMETER
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another uid")
+def test_other_uid_is_refused(daemon, client):
+    # Let the other uid reach the socket through the folders: SO_PEERCRED alone must stop it.
+    os.chmod(os.path.dirname(daemon.folder), 0o755)
+    os.chmod(daemon.folder, 0o755)
+    os.chmod(daemon.socket, 0o666)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                connect(daemon.socket, autostart=False)
+            except ShmheapPermissionError as exc:
+                code = 0 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 2
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    result = os.read(read_end, 1)
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert result == b"\0", "a client of another uid was not refused with ERROR_ACCESS_DENIED"
+    assert "refused pid" in daemon.log_text()
+    assert client.call("echo", 1) == 1

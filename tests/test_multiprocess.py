@@ -1,0 +1,208 @@
+"""Real processes against a real daemon: shared bytes, reclaim on death, limits across
+processes, fork, threads and autostart."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import shmheap
+from shmheap import client as client_module
+from shmheap.constants import MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READWRITE
+from shmheap.errors import ShmheapMemoryError, WinError
+
+from conftest import wait_until
+
+MiB = 2**20
+spawn = multiprocessing.get_context("spawn")
+
+
+def alloc(client, size):
+    return client.call("virtual_alloc", 0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+
+
+def _peer(socket_path, address, conn):
+    """In another process: read the parent's bytes, write an answer beside them, and publish
+    a region of our own with a pattern in it."""
+    with shmheap.connect(socket_path, autostart=False) as c:
+        seen = bytes(c.raw_view(address, 5))
+        c.raw_view(address + 8, 6)[:] = b"answer"
+        own = alloc(c, 65536)
+        c.view(own, 4, write=True)[:] = b"mine"
+        conn.send((seen, own, c.pid))
+        conn.recv()  # keep our region alive until the parent has looked
+
+
+def test_two_processes_see_each_others_writes_at_the_same_address(daemon, client):
+    address = alloc(client, 65536)
+    client.view(address, 5, write=True)[:] = b"hello"
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_peer, args=(daemon.socket, address, child_end))
+    child.start()
+    seen, own, child_pid = parent_end.recv()
+    assert seen == b"hello"
+    assert bytes(client.view(address + 8, 6)) == b"answer"
+    assert bytes(client.raw_view(own, 4)) == b"mine"
+    assert child_pid == child.pid and child_pid != client.pid
+    with pytest.raises(shmheap.ShmheapPermissionError):
+        client.view(own, 4)  # the checked view refuses another process's private pages
+    parent_end.send("done")
+    child.join(10)
+    assert child.exitcode == 0
+
+
+def _hog(socket_path, size, conn):
+    with shmheap.connect(socket_path, autostart=False) as c:
+        address = alloc(c, size)
+        c.view(address, size, write=True)[::4096] = b"x" * (size // 4096)  # touch every page
+        conn.send(address)
+        conn.recv()  # wait to be killed
+
+
+def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
+    baseline = daemon.resident_bytes()
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_hog, args=(daemon.socket, 32 * MiB, child_end))
+    child.start()
+    address = parent_end.recv()
+    assert daemon.resident_bytes() - baseline == 32 * MiB
+    assert any(r[0] == address and r[2] == child.pid for r in client.status()["regions"])
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    wait_until(lambda: daemon.resident_bytes() == baseline, what="the dead client's pages to go")
+    status = client.status()
+    assert status["regions"] == [] and status["committed"] == 0
+    assert child.pid not in [p["pid"] for p in status["processes"]]
+    assert f"pid {child.pid} gone: released 1 regions" in daemon.log_text()
+    assert client.call("virtual_query", address)[4] == 0x10000  # MEM_FREE
+    client.check()
+
+
+def test_decommit_then_commit_reads_zeros(daemon, client):
+    address = alloc(client, 4 * 65536)
+    client.view(address, 4 * 65536, write=True)[:] = b"\xab" * (4 * 65536)
+    before = daemon.resident_bytes()
+    client.call("virtual_free", address + 65536, 2 * 65536, MEM_DECOMMIT)
+    assert before - daemon.resident_bytes() == 2 * 65536
+    client.call("virtual_alloc", address + 65536, 2 * 65536, MEM_COMMIT, PAGE_READWRITE)
+    assert bytes(client.view(address + 65536, 2 * 65536)) == bytes(2 * 65536)
+    assert bytes(client.view(address, 65536)) == b"\xab" * 65536  # neighbours untouched
+
+
+def _commit(socket_path, size, conn):
+    with shmheap.connect(socket_path, autostart=False) as c:
+        try:
+            conn.send(("ok", alloc(c, size)))
+        except ShmheapMemoryError as exc:
+            conn.send(("refused", int(exc.winerror)))
+        conn.recv()
+
+
+def test_commit_limits_across_processes(make_daemon):
+    daemon = make_daemon("--commit-limit", "1M", "--process-commit-limit", "768K")
+    with shmheap.connect(daemon.socket, autostart=False) as c:
+        with pytest.raises(ShmheapMemoryError) as info:
+            alloc(c, 1 * MiB)  # over this process's limit
+        assert info.value.winerror == WinError.ERROR_COMMITMENT_LIMIT
+        first = alloc(c, 768 * 1024)
+        parent_end, child_end = spawn.Pipe()
+        child = spawn.Process(target=_commit, args=(daemon.socket, 512 * 1024, child_end))
+        child.start()
+        assert parent_end.recv() == ("refused", WinError.ERROR_COMMITMENT_LIMIT)  # global limit
+        parent_end.send("bye")
+        child.join(10)
+        c.call("virtual_free", first, 0, MEM_RELEASE)
+        parent_end, child_end = spawn.Pipe()
+        child = spawn.Process(target=_commit, args=(daemon.socket, 512 * 1024, child_end))
+        child.start()
+        assert parent_end.recv()[0] == "ok"
+        parent_end.send("bye")
+        child.join(10)
+        c.check()
+
+
+def test_fork_child_opens_its_own_connection(daemon, client):
+    mine = alloc(client, 65536)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            address = alloc(client, 65536)  # reconnects under the child's pid
+            ok = client.pid == os.getpid() and address != mine
+            code = 0 if ok else 2
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"\0"
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert client.pid == os.getpid()
+    wait_until(lambda: [r[0] for r in client.status()["regions"]] == [mine],
+               what="the child's region to be reaped")
+    assert client.call("virtual_query", mine)[4] == MEM_COMMIT
+
+
+def test_threads_share_one_connection(client):
+    errors = []
+
+    def work():
+        try:
+            for _ in range(100):
+                address = alloc(client, 8192)
+                client.view(address, 8, write=True)[:] = address.to_bytes(8, "little")
+                assert bytes(client.view(address, 8)) == address.to_bytes(8, "little")
+                client.call("virtual_free", address, 0, MEM_RELEASE)
+        except Exception as exc:  # reported below with the thread's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert client.status()["regions"] == []
+    client.check()
+
+
+def test_many_clients_at_once(daemon, client):
+    script = ("import shmheap, sys\n"
+              "from shmheap.constants import *\n"
+              "with shmheap.connect(sys.argv[1], autostart=False) as c:\n"
+              "    for _ in range(50):\n"
+              "        a = c.call('virtual_alloc', 0, 65536, MEM_COMMIT|MEM_RESERVE, PAGE_READWRITE)\n"
+              "        c.view(a, 1, write=True)[0] = 7\n"
+              "        c.call('virtual_free', a, 0, MEM_RELEASE)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, daemon.socket]) for _ in range(6)]
+    assert [p.wait(60) for p in procs] == [0] * 6
+    assert client.status()["regions"] == []
+    client.check()
+
+
+def test_autostart_starts_an_embedded_daemon_that_exits_when_idle(short_dir, monkeypatch):
+    path = os.path.join(short_dir, "auto", "a.sock")
+    monkeypatch.setenv("SHMHEAP_SOCKET", path)
+    monkeypatch.setenv("SHMHEAP_IDLE_EXIT", "0.5")
+    with shmheap.connect() as c:  # nothing listens: starts one
+        assert c.call("echo", "up") == "up"
+        daemon_pid = c.info["daemon_pid"]
+        assert c.path == path
+    wait_until(lambda: not os.path.exists(path), what="the idle daemon to exit")
+    wait_until(lambda: not _alive(daemon_pid), what="the idle daemon process to end")
+    client_module.close_default()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by us, its parent) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
