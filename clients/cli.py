@@ -1,2 +1,53 @@
-def main():
-    pass
+"""The `shmheap` command: demo, bench, status, check."""
+
+import argparse
+import sys
+import time
+
+
+def _status(args):
+    import shmheap
+
+    with shmheap.connect(autostart=False) as client:
+        status = client.status()
+    print(f"shmheapd pid {status['daemon_pid']}: {status['committed']:,} bytes committed,"
+          f" {status['resident']:,} resident")
+    print(f"{'pid':>8} {'connections':>11} {'committed':>14}  since")
+    for process in status["processes"]:
+        since = time.strftime("%H:%M:%S", time.localtime(process["started"]))
+        print(f"{process['pid']:>8} {process['connections']:>11} {process['committed']:>14,}  {since}")
+    print(f"{'region':>14} {'size':>14} {'owner':>8} {'kind':<8} {'committed':>14}")
+    for base, size, owner, kind, pages in status["regions"]:
+        print(f"{base:#14x} {size:>14,} {owner:>8} {kind:<8} {pages * 4096:>14,}")
+    return 0
+
+
+def _check(args):
+    import shmheap
+
+    with shmheap.connect(autostart=False) as client:
+        print(client.check())
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="shmheap", description="shmheap client tool")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="show what shmheap does, with real processes")
+    commands.add_parser("bench", help="benchmarks against the standard library", add_help=False)
+    commands.add_parser("status", help="processes and regions of the running daemon")
+    commands.add_parser("check", help="ask the daemon to verify its invariants")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "demo":
+        from . import demo
+        return demo.main(rest)
+    if args.command == "bench":
+        from . import bench
+        return bench.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"status": _status, "check": _check}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

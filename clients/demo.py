@@ -1,0 +1,126 @@
+"""`shmheap demo`: what shmheap does, shown with real processes against the embedded daemon.
+
+Each step prints what it did and what the daemon or the kernel says about it; a step whose
+outcome is not what shmheap promises raises, so the demo doubles as a smoke test.
+"""
+
+import multiprocessing
+import os
+import signal
+
+import shmheap
+from shmheap import win32
+from shmheap.client import default_client
+from shmheap.win32 import (MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READONLY,
+                           PAGE_READWRITE)
+
+MiB = 2**20
+_STATES = {0x1000: "MEM_COMMIT", 0x2000: "MEM_RESERVE", 0x10000: "MEM_FREE"}
+
+
+def _say(text):
+    print(text, flush=True)
+
+
+def _expect(condition, what):
+    if not condition:
+        raise SystemExit(f"demo: unexpected outcome: {what}")
+
+
+def _resident():
+    return default_client().call("memory_status")["resident"]
+
+
+def _show_query(address):
+    info = win32.VirtualQuery(address)
+    _say(f"    {info.BaseAddress:#012x}  {info.RegionSize:>9,} bytes  {_STATES[info.State]:<11}"
+         f"  protect={info.Protect:#x}")
+
+
+def _reader(address, conn):
+    """A second process: reads the parent's bytes at the same address and answers beside them."""
+    with shmheap.connect(autostart=False) as c:
+        message = bytes(c.raw_view(address, 32)).rstrip(b"\0")
+        c.raw_view(address + 64, 24)[:] = f"pid {os.getpid()} was here".encode().ljust(24)
+        conn.send(message)
+
+
+def _hog(size, conn):
+    """A process that commits and touches `size` bytes, then waits to be killed."""
+    with shmheap.connect(autostart=False) as c:
+        address = c.call("virtual_alloc", 0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+        c.view(address, size, write=True)[::4096] = b"\1" * (size // 4096)
+        conn.send(address)
+        conn.recv()
+
+
+def main(argv=None):
+    spawn = multiprocessing.get_context("spawn")
+    client = default_client()  # autostarts the embedded daemon if none listens
+    info = client.info
+    _say(f"1. Connected to shmheapd pid {info['daemon_pid']} on {client.path}")
+    _say(f"   segment {info['segment']}: {info['size']:,} bytes virtual, page {info['page_size']},"
+         f" granularity {info['granularity']:,}; we are pid {client.pid}")
+
+    _say("\n2. VirtualAlloc: reserve 1 MiB, commit 256 KiB of it, make one page read-only")
+    base = win32.VirtualAlloc(0, MiB, MEM_RESERVE, PAGE_READWRITE)
+    _expect(base, f"reserve failed, error {win32.GetLastError()}")
+    win32.VirtualAlloc(base, 256 * 1024, MEM_COMMIT, PAGE_READWRITE)
+    win32.VirtualProtect(base + 4096, 4096, PAGE_READONLY)
+    for address in (base, base + 4096, base + 8192, base + 256 * 1024):
+        _show_query(address)
+
+    _say("\n3. Zero copy between processes: the same address means the same bytes everywhere")
+    win32.write(base, b"greetings from the parent")
+    parent_end, child_end = spawn.Pipe()
+    reader = spawn.Process(target=_reader, args=(base, child_end))
+    reader.start()
+    seen = parent_end.recv()
+    reader.join()
+    answer = win32.read(base + 64, 24).decode().strip()
+    _say(f"   child {reader.pid} read {seen!r}; parent reads back {answer!r}")
+    _expect(seen == b"greetings from the parent" and answer.startswith(f"pid {reader.pid}"), "shared bytes")
+
+    _say("\n4. Commit is real memory; decommit gives it back to the machine (tmpfs st_blocks)")
+    before = _resident()
+    big = win32.VirtualAlloc(0, 64 * MiB, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+    committed = _resident()
+    win32.VirtualFree(big, 64 * MiB, MEM_DECOMMIT)
+    after = _resident()
+    _say(f"   resident: {before / MiB:.2f} MiB -> commit 64 MiB -> {committed / MiB:.2f} MiB"
+         f" -> decommit -> {after / MiB:.2f} MiB")
+    _expect(committed - before == 64 * MiB and after == before, "commit/decommit accounting")
+    win32.VirtualFree(big, 0, MEM_RELEASE)
+
+    _say("\n5. A process killed with SIGKILL loses everything it held")
+    parent_end, child_end = spawn.Pipe()
+    hog = spawn.Process(target=_hog, args=(32 * MiB, child_end))
+    hog.start()
+    hog_address = parent_end.recv()
+    held = _resident()
+    os.kill(hog.pid, signal.SIGKILL)
+    hog.join()
+    for _ in range(500):
+        if win32.VirtualQuery(hog_address).State == 0x10000:
+            break
+        multiprocessing.connection.wait([], 0.01)
+    _say(f"   resident with child {hog.pid} alive: {held / MiB:.2f} MiB; after SIGKILL: {_resident() / MiB:.2f} MiB")
+    _show_query(hog_address)
+    _expect(win32.VirtualQuery(hog_address).State == 0x10000, "reclaim of a killed process")
+
+    _say("\n6. Bad input is refused with the Win32 error and changes nothing")
+    for call, args in [("VirtualAlloc", (0, 4096, MEM_COMMIT, 0x3)),  # two base protections
+                       ("VirtualFree", (base, 4096, MEM_RELEASE)),  # MEM_RELEASE takes size 0
+                       ("VirtualFree", (base + 4096, 0, MEM_RELEASE)),  # not the region base
+                       ("VirtualProtect", (base + 512 * 1024, 4096, PAGE_READONLY))]:  # uncommitted
+        result = getattr(win32, call)(*args)
+        _say(f"   {call}{tuple(hex(a) for a in args)} -> {result}, GetLastError() = {win32.GetLastError()}")
+    try:
+        win32.view(base + 512 * 1024, 16)
+    except shmheap.ShmheapPermissionError as exc:
+        _say(f"   view of reserved pages -> {exc}")
+    _expect(win32.read(base, 9) == b"greetings", "data intact after refused calls")
+    win32.VirtualFree(base, 0, MEM_RELEASE)
+    client.check()
+    _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
+    return 0
