@@ -10,6 +10,7 @@ import time
 from shmheap import segment
 from shmheap.protocol import PROTOCOL_VERSION
 
+from .heaps import Heaps
 from .pagetable import Backing, PageTable
 from .server import Handlers, Server, listen, peer_is_listening
 from .sessions import Sessions
@@ -97,7 +98,8 @@ def main(argv=None):
                 "commit_limit": commit_limit, "process_commit_limit": process_limit}
         listener = listen(path)
         log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
-        server = Server(listener, Handlers(info, pagetable, sessions), sessions, pagetable,
+        handlers = Handlers(info, pagetable, Heaps(pagetable), sessions)
+        server = Server(listener, handlers, sessions,
                         allowed_uids={os.getuid(), *args.allow_uid}, idle_exit=args.idle_exit)
         server.serve_forever()
     finally:

@@ -5,7 +5,8 @@ the kernel; the server sees end-of-file on the last one and calls `release_proce
 walk goes from the layers on top to the pages below, so nothing is freed while something above
 still points into it:
 
-    1. private regions (VirtualAlloc), decommitted (MADV_REMOVE) and unreserved.
+    1. heaps: every heap the process created, with all its regions (HeapDestroy).
+    2. private regions (VirtualAlloc), decommitted (MADV_REMOVE) and unreserved.
 
 Later layers (heaps, global blocks, sections, clipboard) insert their step above the pages.
 """
@@ -15,8 +16,10 @@ import logging
 log = logging.getLogger("shmheapd.reaper")
 
 
-def release_process(pid, pagetable):
+def release_process(pid, heaps, pagetable):
+    heap_count = heaps.release_owner(pid)
     regions, freed = pagetable.release_owner(pid)
-    if regions:
-        log.info("pid %d gone: released %d regions, %d bytes committed", pid, regions, freed)
+    if regions or heap_count:
+        log.info("pid %d gone: released %d heaps, %d regions, %d bytes committed",
+                 pid, heap_count, regions, freed)
     return regions, freed

@@ -32,9 +32,10 @@ class Handlers:
     """One method per op of `shmheap.protocol.OPS`, named after it. Each takes the session
     and the checked arguments and returns the result, or raises ShmheapError."""
 
-    def __init__(self, daemon_info, pagetable, sessions):
+    def __init__(self, daemon_info, pagetable, heaps, sessions):
         self.info = daemon_info
         self.pagetable = pagetable
+        self.heaps = heaps
         self.sessions = sessions
 
     def hello(self, session, version, client_info):
@@ -77,6 +78,27 @@ class Handlers:
     def access(self, session, address, size, want_write):
         return self.pagetable.access(session.pid, address, size, bool(want_write))
 
+    def heap_create(self, session, name, flags, reserve, commit, maximum):
+        return self.heaps.create(session.pid, name, flags, reserve, commit, maximum)
+
+    def heap_extend(self, session, handle, size):
+        return self.heaps.extend(session.pid, handle, size)
+
+    def heap_commit(self, session, handle, address, size):
+        return self.heaps.commit(session.pid, handle, address, size)
+
+    def heap_decommit(self, session, handle, address, size):
+        return self.heaps.decommit(session.pid, handle, address, size)
+
+    def heap_release(self, session, handle, base):
+        return self.heaps.release(session.pid, handle, base)
+
+    def heap_destroy(self, session, handle):
+        return self.heaps.destroy(session.pid, handle)
+
+    def heap_list(self, session):
+        return self.heaps.list()
+
     def status(self, session):
         table = self.pagetable
         return {
@@ -98,11 +120,10 @@ class Handlers:
 
 
 class Server:
-    def __init__(self, listener, handlers, sessions, pagetable, *, allowed_uids, idle_exit):
+    def __init__(self, listener, handlers, sessions, *, allowed_uids, idle_exit):
         self.listener = listener
         self.handlers = handlers
         self.sessions = sessions
-        self.pagetable = pagetable
         self.allowed_uids = allowed_uids
         self.idle_exit = idle_exit
         self.table = {op: getattr(handlers, op) for op in OPS}
@@ -241,7 +262,7 @@ class Server:
         session.sock.close()
         process = self.sessions.detach(session)
         if process is not None:
-            release_process(process.pid, self.pagetable)
+            release_process(process.pid, self.handlers.heaps, self.handlers.pagetable)
         log.debug("pid %d disconnected", session.pid)
 
 

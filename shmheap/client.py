@@ -20,11 +20,14 @@ import weakref
 
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .heap import Heap, PageSource, heap_layout
 from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_reply
 
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024
+PROCESS_HEAP_NAME = "process heap"
+PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 
 _clients = weakref.WeakSet()
 
@@ -57,11 +60,16 @@ class Client:
         self._sock = sock
         self._unpacker = new_unpacker()
         self._pid = os.getpid()
+        # The handshake and the process heap in one round trip.
+        reserve, commit, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
         try:
-            info = self._roundtrip([("hello", (PROTOCOL_VERSION, {"pid": self._pid}))])[0]
-            error, result = info
+            (error, result), (heap_error, heap_handle) = self._roundtrip([
+                ("hello", (PROTOCOL_VERSION, {"pid": self._pid})),
+                ("heap_create", (PROCESS_HEAP_NAME, 0, reserve, commit, 0))])
             if error:
                 raise_for(error, f"handshake refused: {result}")
+            if heap_error:
+                raise_for(heap_error, f"no process heap: {heap_handle}")
         except BaseException:
             self._drop_socket()
             raise
@@ -73,6 +81,15 @@ class Client:
             raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "the daemon restarted; reconnect")
         self.info = result
         self.pid = result["pid"]  # as the daemon sees us (SO_PEERCRED)
+        # Heaps belong to the process that made them: a forked child starts with none.
+        self.heaps = {}
+        self._heap_names = itertools.count(1)
+        self.process_heap = self._adopt_heap(heap_handle, reserve, commit, 0, True)
+
+    def _adopt_heap(self, handle, reserve, commit, flags, growable):
+        heap = Heap(_DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)
+        self.heaps[handle] = heap
+        return heap
 
     def _drop_socket(self):
         if self._sock is not None:
@@ -160,6 +177,30 @@ class Client:
             raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
         return [replies[msgid] for msgid in ids]
 
+    # ---- heaps ---------------------------------------------------------------------------
+
+    def heap_create(self, flags=0, initial=0, maximum=0, name=None):
+        """Create a private heap (the allocator runs here, pages come from the daemon)."""
+        reserve, commit, growable = heap_layout(initial, maximum)
+        name = name or f"heap {next(self._heap_names)}"
+        handle = self.call("heap_create", name, flags, reserve, commit, maximum)
+        return self._adopt_heap(handle, reserve, commit, flags, growable)
+
+    def heap_destroy(self, heap):
+        """Release every page of `heap` (not the process heap), whatever is still allocated."""
+        if heap is self.process_heap:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap cannot be destroyed")
+        if self.heaps.get(heap.base) is not heap:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "not a live heap of this process")
+        self.call("heap_destroy", heap.base)
+        del self.heaps[heap.base]
+        heap.segments = []
+        heap.large.clear()
+
+    def heap_list(self):
+        """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
+        return self.call("heap_list")
+
     # ---- memory --------------------------------------------------------------------------
 
     def view(self, address, size, *, write=False):
@@ -185,6 +226,27 @@ class Client:
     def check(self):
         """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
         return self.call("check")
+
+
+class _DaemonPages(PageSource):
+    """A private heap's page source: regions and commits from the daemon, by RPC."""
+
+    def __init__(self, client, handle):
+        self.client = client
+        self.handle = handle
+        self.memory = client._view
+
+    def reserve(self, size):
+        return self.client.call("heap_extend", self.handle, size)
+
+    def commit(self, address, size):
+        self.client.call("heap_commit", self.handle, address, size)
+
+    def decommit(self, address, size):
+        self.client.call("heap_decommit", self.handle, address, size)
+
+    def release(self, base):
+        self.client.call("heap_release", self.handle, base)
 
 
 def _open_socket(path, autostart, timeout):

@@ -83,6 +83,13 @@ OPS = {
     "virtual_query": (_u64,),
     "virtual_protect": (_u64, _u64, _u32),
     "access": (_u64, _u64, _u32),  # check before a view: address, size, want_write
+    "heap_create": (_str, _u32, _u64, _u64, _u64),  # name, flags, reserve, commit, maximum
+    "heap_extend": (_u64, _u64),  # handle, size
+    "heap_commit": (_u64, _u64, _u64),  # handle, address, size
+    "heap_decommit": (_u64, _u64, _u64),
+    "heap_release": (_u64, _u64),  # handle, region base
+    "heap_destroy": (_u64,),
+    "heap_list": (),
     "status": (),
     "check": (),
 }

@@ -18,7 +18,13 @@ from shmheap.errors import ShmheapMemoryError, WinError
 from conftest import wait_until
 
 MiB = 2**20
+HEAP = client_module.PROCESS_HEAP_INITIAL  # every client commits its process heap at connect
 spawn = multiprocessing.get_context("spawn")
+
+
+def private_regions(client):
+    """Regions made by VirtualAlloc (every client also holds its process heap's region)."""
+    return [r for r in client.status()["regions"] if r[3] == "private"]
 
 
 def alloc(client, size):
@@ -69,15 +75,15 @@ def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
     child = spawn.Process(target=_hog, args=(daemon.socket, 32 * MiB, child_end))
     child.start()
     address = parent_end.recv()
-    assert daemon.resident_bytes() - baseline == 32 * MiB
-    assert any(r[0] == address and r[2] == child.pid for r in client.status()["regions"])
+    assert daemon.resident_bytes() - baseline == 32 * MiB + HEAP  # its pages and its process heap
+    assert any(r[0] == address and r[2] == child.pid for r in private_regions(client))
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
     wait_until(lambda: daemon.resident_bytes() == baseline, what="the dead client's pages to go")
     status = client.status()
-    assert status["regions"] == [] and status["committed"] == 0
+    assert [r[2] for r in status["regions"]] == [client.pid]  # only our process heap is left
     assert child.pid not in [p["pid"] for p in status["processes"]]
-    assert f"pid {child.pid} gone: released 1 regions" in daemon.log_text()
+    assert f"pid {child.pid} gone: released 1 heaps, 1 regions" in daemon.log_text()
     assert client.call("virtual_query", address)[4] == 0x10000  # MEM_FREE
     client.check()
 
@@ -103,7 +109,8 @@ def _commit(socket_path, size, conn):
 
 
 def test_commit_limits_across_processes(make_daemon):
-    daemon = make_daemon("--commit-limit", "1M", "--process-commit-limit", "768K")
+    # Room for 768 KiB and a process heap per process; the two processes together get less.
+    daemon = make_daemon("--commit-limit", "1152K", "--process-commit-limit", "832K")
     with shmheap.connect(daemon.socket, autostart=False) as c:
         with pytest.raises(ShmheapMemoryError) as info:
             alloc(c, 1 * MiB)  # over this process's limit
@@ -143,7 +150,7 @@ def test_fork_child_opens_its_own_connection(daemon, client):
     os.waitpid(pid, 0)
     os.close(read_end)
     assert client.pid == os.getpid()
-    wait_until(lambda: [r[0] for r in client.status()["regions"]] == [mine],
+    wait_until(lambda: [r[0] for r in private_regions(client)] == [mine],
                what="the child's region to be reaped")
     assert client.call("virtual_query", mine)[4] == MEM_COMMIT
 
@@ -167,7 +174,7 @@ def test_threads_share_one_connection(client):
     for t in threads:
         t.join()
     assert errors == []
-    assert client.status()["regions"] == []
+    assert private_regions(client) == []
     client.check()
 
 
@@ -181,7 +188,7 @@ def test_many_clients_at_once(daemon, client):
               "        c.call('virtual_free', a, 0, MEM_RELEASE)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, daemon.socket]) for _ in range(6)]
     assert [p.wait(60) for p in procs] == [0] * 6
-    assert client.status()["regions"] == []
+    assert private_regions(client) == []
     client.check()
 
 
