@@ -21,6 +21,7 @@ import weakref
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
 from .heap import Heap, PageSource, heap_layout
+from .moveable import LOCAL, MoveableTable
 from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_reply
 
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
@@ -85,6 +86,7 @@ class Client:
         self.heaps = {}
         self._heap_names = itertools.count(1)
         self.process_heap = self._adopt_heap(heap_handle, reserve, commit, 0, True)
+        self.local_objects = MoveableTable(self.process_heap, LOCAL)  # LocalAlloc's objects
 
     def _adopt_heap(self, handle, reserve, commit, flags, growable):
         heap = Heap(_DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)

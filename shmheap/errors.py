@@ -36,6 +36,9 @@ class WinError(IntEnum):
     # Not a Win32 error code: STATUS_GUARD_PAGE_VIOLATION, raised once by the first access to a
     # PAGE_GUARD page (the exception code Windows raises there).
     STATUS_GUARD_PAGE_VIOLATION = 0x80000001
+    # Raised, not returned, by heaps with HEAP_GENERATE_EXCEPTIONS (HC-14).
+    STATUS_NO_MEMORY = 0xC0000017
+    STATUS_ACCESS_VIOLATION = 0xC0000005
 
 
 globals().update(WinError.__members__)
@@ -78,6 +81,8 @@ _ERROR_CLASSES = {
     WinError.ERROR_NOT_ENOUGH_MEMORY: ShmheapMemoryError,
     WinError.ERROR_OUTOFMEMORY: ShmheapMemoryError,
     WinError.ERROR_COMMITMENT_LIMIT: ShmheapMemoryError,
+    WinError.STATUS_NO_MEMORY: ShmheapMemoryError,
+    WinError.STATUS_ACCESS_VIOLATION: ShmheapPermissionError,
     WinError.ERROR_ACCESS_DENIED: ShmheapPermissionError,
     WinError.ERROR_NOACCESS: ShmheapPermissionError,
     WinError.STATUS_GUARD_PAGE_VIOLATION: GuardPageError,

@@ -226,13 +226,19 @@ class Heap:
     def _find_fit(self, size):
         """Start of a free range of at least `size` bytes, or None (segregated fit)."""
         index = _bin_of(size)
+        exact = index
         if _bin_floor(index) < size:
             index += 1
         candidates = self.bitmap >> index
-        if not candidates:
-            return None
-        index += (candidates & -candidates).bit_length() - 1
-        return next(iter(self.bins[index]))
+        if candidates:
+            index += (candidates & -candidates).bit_length() - 1
+            return next(iter(self.bins[index]))
+        # Nothing in the bins that surely fit: the request's own bin may still hold a range
+        # large enough (it holds sizes up to the next bin's floor).
+        for start in self.bins[exact] if exact != index else ():
+            if self.free_start[start] - start >= size:
+                return start
+        return None
 
     def _carve(self, size, align=ALIGN):
         """Take `size` bytes at `align` alignment from the free ranges, growing the commit or
@@ -404,6 +410,10 @@ class Heap:
             return "large", None, None
         _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
 
+    def is_small(self, address):
+        """True if `address` lies in a run (a small block's slot)."""
+        return address // RUN_SIZE in self.runs
+
     def size(self, address):
         kind, run, slot = self._locate(address)
         if kind == "small":
@@ -519,6 +529,28 @@ class Heap:
                     yield run.base + slot * run.block, size
         yield from self.medium.items()
         yield from self.large.items()
+
+    def walk(self):
+        """HeapWalk's entries in order: per segment a region entry, then its busy blocks and
+        free ranges by address, then its uncommitted range; large blocks last (HW-01..HW-03).
+        Each entry is (kind, address, size, overhead, region_index, segment)."""
+        for index, segment in enumerate(self.segments):
+            yield "region", segment.base, segment.committed_end - segment.base, 0, index, segment
+            items = [(start, "free", end - start, 0) for start, end in self.free_start.items()
+                     if segment.base <= start < segment.end]
+            items += [(a, "busy", s, self._extent(s) - s) for a, s in self.medium.items()
+                      if segment.base <= a < segment.end]
+            for run in self.runs.values():
+                if segment.base <= run.base < segment.end:
+                    items += [(run.base + slot * run.block, "busy", size, run.block - size)
+                              for slot, size in enumerate(run.sizes) if size != SLOT_FREE]
+            for address, kind, size, overhead in sorted(items):
+                yield kind, address, size, overhead, index, segment
+            if segment.committed_end < segment.end:
+                yield ("uncommitted", segment.committed_end, segment.end - segment.committed_end,
+                       0, index, segment)
+        for address, size in sorted(self.large.items()):
+            yield "large", address, size, 0, 64, None
 
     def validate(self, address=None):
         """HeapValidate: one block (exists, tail intact) or the whole heap (structure, every

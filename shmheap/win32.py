@@ -15,11 +15,14 @@ import operator
 import os
 import platform
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
-from .errors import WinError, raise_for
+from .errors import ShmheapError, WinError, raise_for
+from .heap import HeapError
+from .segment import MIN_ADDRESS
 
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
 
@@ -209,3 +212,299 @@ def ZeroMemory(Destination, Length):
 def RaiseLastError():
     """Raise the exception for GetLastError() (for callers who prefer exceptions)."""
     raise_for(GetLastError())
+
+
+# ---- heaps ---------------------------------------------------------------------------------
+# The allocator runs in this process (shmheap/heap.py); only commit changes reach the daemon.
+
+_HEAP_FAILURE = (HeapError, ShmheapError)
+
+
+def _heap(hHeap):
+    """This process's heap for a handle, or None with ERROR_INVALID_HANDLE (a handle of
+    another process, a destroyed heap, or garbage)."""
+    heap = default_client().heaps.get(_ptr(hHeap))
+    if heap is None:
+        _state.last_error = WinError.ERROR_INVALID_HANDLE
+    return heap
+
+
+def _serialized(heap, flags):
+    if (flags | heap.flags) & HEAP_NO_SERIALIZE:
+        return nullcontext()
+    return heap.lock
+
+
+def _outside_segment(address):
+    return not MIN_ADDRESS <= address < default_client().info["size"]
+
+
+def _heap_failed(heap, flags, exc, failure):
+    """Record a heap failure; with HEAP_GENERATE_EXCEPTIONS raise STATUS_NO_MEMORY (HC-14)."""
+    if (flags | heap.flags) & HEAP_GENERATE_EXCEPTIONS and exc.winerror in _OUT_OF_MEMORY:
+        raise_for(WinError.STATUS_NO_MEMORY, str(exc))
+    _state.last_error = exc.winerror
+    return failure
+
+
+_OUT_OF_MEMORY = {WinError.ERROR_NOT_ENOUGH_MEMORY, WinError.ERROR_COMMITMENT_LIMIT,
+                  WinError.ERROR_OUTOFMEMORY}
+
+
+def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):
+    """A private heap of this process; returns its handle (64 KiB aligned) or NULL.
+    dwMaximumSize 0 makes it growable; `name` registers it under that name with the daemon."""
+    try:
+        heap = default_client().heap_create(_dword(flOptions), _size(dwInitialSize),
+                                            _size(dwMaximumSize), name)
+    except _HEAP_FAILURE as exc:
+        _state.last_error = exc.winerror
+        return 0
+    return heap.base
+
+
+def HeapDestroy(hHeap):
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    try:
+        with heap.lock:
+            default_client().heap_destroy(heap)
+    except _HEAP_FAILURE as exc:
+        _state.last_error = exc.winerror
+        return False
+    return True
+
+
+def GetProcessHeap():
+    return default_client().process_heap.base
+
+
+def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
+    """Returns how many heaps the process has; stores at most NumberOfHeaps handles into the
+    list ProcessHeaps (replacing its contents), process heap first, then by creation."""
+    handles = list(default_client().heaps)
+    if ProcessHeaps is not None:
+        ProcessHeaps[:] = handles[:_dword(NumberOfHeaps)]
+    return len(handles)
+
+
+def HeapAlloc(hHeap, dwFlags, dwBytes):
+    heap = _heap(hHeap)
+    if heap is None:
+        return 0
+    flags = _dword(dwFlags)
+    try:
+        with _serialized(heap, flags):
+            return heap.alloc(_size(dwBytes), zero=bool(flags & HEAP_ZERO_MEMORY))
+    except _HEAP_FAILURE as exc:
+        return _heap_failed(heap, flags, exc, 0)
+
+
+def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
+    address = _ptr(lpMem)
+    if address == 0:
+        _state.last_error = WinError.ERROR_SUCCESS  # HR-01
+        return 0
+    heap = _heap(hHeap)
+    if heap is None:
+        return 0
+    flags = _dword(dwFlags)
+    if _outside_segment(address):
+        _state.last_error = WinError.ERROR_NOACCESS
+        return 0
+    try:
+        with _serialized(heap, flags):
+            return heap.realloc(address, _size(dwBytes), zero=bool(flags & HEAP_ZERO_MEMORY),
+                                in_place_only=bool(flags & HEAP_REALLOC_IN_PLACE_ONLY))
+    except _HEAP_FAILURE as exc:
+        return _heap_failed(heap, flags, exc, 0)
+
+
+def HeapFree(hHeap, dwFlags, lpMem):
+    address = _ptr(lpMem)
+    if address == 0:
+        return True  # HF-01: NULL short-circuits before the heap is looked at
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    if _outside_segment(address):
+        _state.last_error = WinError.ERROR_NOACCESS
+        return False
+    try:
+        with _serialized(heap, _dword(dwFlags)):
+            heap.free(address)
+    except _HEAP_FAILURE as exc:
+        _state.last_error = exc.winerror
+        return False
+    return True
+
+
+def HeapSize(hHeap, dwFlags, lpMem):
+    """The exact requested size, or (SIZE_T)-1 with ERROR_INVALID_PARAMETER (HF-07)."""
+    heap = _heap(hHeap)
+    if heap is None:
+        return _MASK64
+    try:
+        with _serialized(heap, _dword(dwFlags)):
+            address = _ptr(lpMem)
+            if heap.checking and not heap.validate(address):
+                raise HeapError(WinError.ERROR_INVALID_PARAMETER, "block fails validation")
+            return heap.size(address)
+    except _HEAP_FAILURE as exc:
+        _state.last_error = exc.winerror
+        return _MASK64
+
+
+def HeapValidate(hHeap, dwFlags, lpMem):
+    """TRUE if the block (or, for NULL, the whole heap) is sound. A failure leaves the last
+    error alone (HF-04, HF-05)."""
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    address = _ptr(lpMem)
+    with _serialized(heap, _dword(dwFlags)):
+        return heap.validate(address or None)
+
+
+def HeapCompact(hHeap, dwFlags):
+    """Gives free memory back; returns the largest committed free range (0 with NO_ERROR when
+    there is none, HI-07)."""
+    heap = _heap(hHeap)
+    if heap is None:
+        return 0
+    try:
+        with _serialized(heap, _dword(dwFlags)):
+            largest = heap.compact()
+    except _HEAP_FAILURE as exc:
+        _state.last_error = exc.winerror
+        return 0
+    if not largest:
+        _state.last_error = WinError.ERROR_SUCCESS
+    return largest
+
+
+def HeapLock(hHeap):
+    """Take the heap's lock (recursive for its owner). A HEAP_NO_SERIALIZE heap has none to
+    take: TRUE, excluding nothing (HL-03)."""
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    if not heap.flags & HEAP_NO_SERIALIZE:
+        heap.lock.acquire()
+    return True
+
+
+def HeapUnlock(hHeap):
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    if not heap.flags & HEAP_NO_SERIALIZE:
+        try:
+            heap.lock.release()
+        except RuntimeError:
+            _state.last_error = WinError.ERROR_NOT_LOCKED
+            return False
+    return True
+
+
+class PROCESS_HEAP_ENTRY:
+    """HeapWalk's entry; start a walk with lpData 0 and pass the same object back."""
+
+    class _Region:
+        __slots__ = ("dwCommittedSize", "dwUnCommittedSize", "lpFirstBlock", "lpLastBlock")
+
+        def __init__(self, committed=0, uncommitted=0, first=0, last=0):
+            self.dwCommittedSize = committed
+            self.dwUnCommittedSize = uncommitted
+            self.lpFirstBlock = first
+            self.lpLastBlock = last
+
+    def __init__(self):
+        self.lpData = 0
+        self.cbData = 0
+        self.cbOverhead = 0
+        self.iRegionIndex = 0
+        self.wFlags = 0
+        self.Region = self._Region()
+        self._walk = None
+
+    def __repr__(self):
+        return (f"PROCESS_HEAP_ENTRY(lpData={self.lpData:#x}, cbData={self.cbData}, cbOverhead="
+                f"{self.cbOverhead}, iRegionIndex={self.iRegionIndex}, wFlags={self.wFlags:#x})")
+
+
+_WALK_FLAGS = {"region": PROCESS_HEAP_REGION, "uncommitted": PROCESS_HEAP_UNCOMMITTED_RANGE,
+               "busy": PROCESS_HEAP_ENTRY_BUSY, "large": PROCESS_HEAP_ENTRY_BUSY, "free": 0}
+
+
+def HeapWalk(hHeap, lpEntry):
+    """Fill lpEntry with the next entry of the heap; FALSE with ERROR_NO_MORE_ITEMS at the end.
+    The walk reads a snapshot taken when lpData is 0 (hold HeapLock to keep it current)."""
+    heap = _heap(hHeap)
+    if heap is None:
+        return False
+    if lpEntry.lpData == 0 or lpEntry._walk is None:
+        with _serialized(heap, 0):
+            lpEntry._walk = iter(list(heap.walk()))
+    item = next(lpEntry._walk, None)
+    if item is None:
+        lpEntry._walk = None
+        _state.last_error = WinError.ERROR_NO_MORE_ITEMS
+        return False
+    kind, address, size, overhead, index, segment = item
+    lpEntry.lpData, lpEntry.cbData, lpEntry.cbOverhead = address, size, overhead
+    lpEntry.iRegionIndex, lpEntry.wFlags = index, _WALK_FLAGS[kind]
+    if kind == "region":
+        lpEntry.Region = PROCESS_HEAP_ENTRY._Region(
+            segment.committed_end - segment.base, segment.end - segment.committed_end,
+            segment.start, segment.end)
+    return True
+
+
+# ---- LocalAlloc: moveable and fixed objects on the process heap (private) ------------------
+
+def _local(op, *args):
+    client = default_client()
+    with client.process_heap.lock:
+        value, error = getattr(client.local_objects, op)(*args)
+    if error is not None:
+        _state.last_error = error
+    return value
+
+
+def LocalAlloc(uFlags, uBytes):
+    return _local("alloc", _dword(uFlags), _size(uBytes))
+
+
+def LocalFree(hMem):
+    """NULL on success; the handle back, with the error set, on failure."""
+    return _local("free", _ptr(hMem))
+
+
+def LocalReAlloc(hMem, uBytes, uFlags):
+    return _local("realloc", _ptr(hMem), _size(uBytes), _dword(uFlags))
+
+
+def LocalSize(hMem):
+    return _local("size", _ptr(hMem))
+
+
+def LocalLock(hMem):
+    return _local("lock", _ptr(hMem))
+
+
+def LocalUnlock(hMem):
+    return _local("unlock", _ptr(hMem))
+
+
+def LocalFlags(hMem):
+    return _local("flags", _ptr(hMem))
+
+
+def LocalHandle(pMem):
+    return _local("handle", _ptr(pMem))
+
+
+def LocalDiscard(hMem):
+    return _local("discard", _ptr(hMem))
