@@ -182,7 +182,8 @@ class Client:
     # ---- heaps ---------------------------------------------------------------------------
 
     def heap_create(self, flags=0, initial=0, maximum=0, name=None):
-        """Create a private heap (the allocator runs here, pages come from the daemon)."""
+        """Create a private heap and return the allocator (shmheap.heap.Heap) itself; the
+        Win32 facade's HeapCreate. `create_heap` is the Pythonic form."""
         reserve, commit, growable = heap_layout(initial, maximum)
         name = name or f"heap {next(self._heap_names)}"
         handle = self.call("heap_create", name, flags, reserve, commit, maximum)
@@ -198,6 +199,16 @@ class Client:
         del self.heaps[heap.base]
         heap.segments = []
         heap.large.clear()
+
+    def create_heap(self, name=None, initial=0, maximum=0, *, flags=0):
+        """A private heap of this process, as an object; `maximum` 0 makes it growable.
+        Use it as a context manager to destroy it (and every block in it) on exit."""
+        return PrivateHeap(self, self.heap_create(flags, initial, maximum, name))
+
+    @property
+    def heap(self):
+        """The process heap (GetProcessHeap) as an object; it lives as long as the process."""
+        return PrivateHeap(self, self.process_heap)
 
     def heap_list(self):
         """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
@@ -228,6 +239,98 @@ class Client:
     def check(self):
         """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
         return self.call("check")
+
+
+class PrivateHeap:
+    """A heap of this process. Blocks come from an allocator running here, so `alloc` and
+    `Block.free` make no round trip to the daemon unless the heap's commit must change."""
+
+    def __init__(self, client, heap):
+        self._client = client
+        self._heap = heap
+
+    @property
+    def handle(self):
+        return self._heap.base
+
+    def alloc(self, size, *, zero=False):
+        if size < 0:
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be negative")
+        with self._heap.lock:
+            return Block(self, self._heap.alloc(size, zero=zero))
+
+    def validate(self):
+        with self._heap.lock:
+            return self._heap.validate()
+
+    def compact(self):
+        with self._heap.lock:
+            return self._heap.compact()
+
+    @property
+    def committed(self):
+        return self._heap.committed
+
+    @property
+    def live_blocks(self):
+        return self._heap.live
+
+    def destroy(self):
+        with self._heap.lock:
+            self._client.heap_destroy(self._heap)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._heap is not self._client.process_heap and self._heap.segments:
+            self.destroy()
+
+
+class Block:
+    """A heap block: `address` and exact `size`, with zero-copy views of its bytes."""
+
+    __slots__ = ("heap", "address", "__weakref__")
+
+    def __init__(self, heap, address):
+        self.heap = heap
+        self.address = address
+
+    @property
+    def size(self):
+        with self.heap._heap.lock:
+            return self.heap._heap.size(self.address)
+
+    def view(self):
+        """A writable memoryview of the block's bytes (no copy, no round trip)."""
+        return self.heap._client._view[self.address:self.address + self.size]
+
+    def numpy(self, dtype="uint8", shape=None):
+        """A numpy array over the block's bytes (no copy). Needs numpy (the `numpy` extra)."""
+        import numpy
+
+        array = numpy.frombuffer(self.view(), dtype=dtype)
+        return array if shape is None else array.reshape(shape)
+
+    def resize(self, size, *, zero=False, in_place=False):
+        """HeapReAlloc: keeps the first min(old, new) bytes; the address may change unless
+        `in_place`, which raises MemoryError if the block cannot grow where it is."""
+        with self.heap._heap.lock:
+            self.address = self.heap._heap.realloc(self.address, size, zero=zero, in_place_only=in_place)
+        return self
+
+    def free(self):
+        with self.heap._heap.lock:
+            self.heap._heap.free(self.address)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+    def __repr__(self):
+        return f"Block(address={self.address:#x}, size={self.size})"
 
 
 class _DaemonPages(PageSource):

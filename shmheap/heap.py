@@ -44,7 +44,7 @@ from array import array
 
 from .constants import (HEAP_CREATE_ENABLE_EXECUTE, HEAP_FREE_CHECKING_ENABLED,
                         HEAP_TAIL_CHECKING_ENABLED)
-from .errors import ShmheapError, WinError
+from .errors import ShmheapError, WinError, raise_for
 
 ALIGN = 16
 PAGE = 4096
@@ -105,12 +105,8 @@ def heap_layout(initial, maximum):
     return reserve, min(max(initial, MIN_COMMIT), reserve), not maximum
 
 
-class HeapError(ShmheapError):
-    """A refused heap operation; `.winerror` is the Win32 code the facade reports."""
-
-
 def _fail(code, message=None):
-    raise HeapError(code, message)
+    raise_for(code, message)  # the exception class that fits the code (MemoryError, ValueError)
 
 
 class PageSource:
@@ -339,7 +335,7 @@ class Heap:
         return _round_up(size, ALIGN) + self.tail or ALIGN
 
     def alloc(self, size, zero=False):
-        """A block of exactly `size` bytes (HeapSize reports `size`); raises HeapError."""
+        """A block of exactly `size` bytes (HeapSize reports `size`); raises ShmheapError."""
         if size > MAX_REQUEST:
             _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         extent = self._extent(size)
@@ -564,7 +560,7 @@ class Heap:
                 return False
             return not self.checking or all(self._is_filled(s, e - s, FREE_FILL)
                                             for s, e in self._free_spans())
-        except (HeapError, RuntimeError):
+        except (ShmheapError, RuntimeError):
             return False
 
     def _free_spans(self):

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
 from .errors import ShmheapError, WinError, raise_for
-from .heap import HeapError
 from .segment import MIN_ADDRESS
 
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
@@ -217,7 +216,7 @@ def RaiseLastError():
 # ---- heaps ---------------------------------------------------------------------------------
 # The allocator runs in this process (shmheap/heap.py); only commit changes reach the daemon.
 
-_HEAP_FAILURE = (HeapError, ShmheapError)
+_HEAP_FAILURE = ShmheapError
 
 
 def _heap(hHeap):
@@ -349,7 +348,7 @@ def HeapSize(hHeap, dwFlags, lpMem):
         with _serialized(heap, _dword(dwFlags)):
             address = _ptr(lpMem)
             if heap.checking and not heap.validate(address):
-                raise HeapError(WinError.ERROR_INVALID_PARAMETER, "block fails validation")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "block fails validation")
             return heap.size(address)
     except _HEAP_FAILURE as exc:
         _state.last_error = exc.winerror
