@@ -117,3 +117,34 @@ class Heaps:
                          "committed": sum(r.committed_pages for r in regions) * PAGE_SIZE,
                          "created": record.created})
         return rows
+
+
+class PageTablePages:
+    """The page source of a heap the daemon runs itself (the global heap): regions and
+    commits straight from the page table, owned by `owner` (SYSTEM for shared memory)."""
+
+    def __init__(self, pagetable, owner, memory, protect=PAGE_READWRITE, kind="global"):
+        self.pagetable = pagetable
+        self.owner = owner
+        self.memory = memory
+        self.protect = protect
+        self.kind = kind
+
+    def reserve(self, size):
+        return self.pagetable.reserve(self.owner, size, self.protect, kind=self.kind).base
+
+    def _pages(self, address, size):
+        region = self.pagetable.region_at(address)
+        first = (address - region.base) // PAGE_SIZE
+        return region, first, first + -(-size // PAGE_SIZE)
+
+    def commit(self, address, size):
+        region, first, last = self._pages(address, size)
+        self.pagetable.commit(region, first, last, self.protect)
+
+    def decommit(self, address, size):
+        region, first, last = self._pages(address, size)
+        self.pagetable.decommit(region, first, last)
+
+    def release(self, base):
+        self.pagetable.release(self.pagetable.regions[base])
