@@ -23,7 +23,7 @@ from .sessions import Session
 
 log = logging.getLogger("shmheapd.server")
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -130,6 +130,10 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.live = set()
+        # One receive buffer for every connection: the loop reads one socket at a time, and
+        # a fresh large bytes object per recv would cost an mmap/munmap each time.
+        self.buffer = bytearray(RECV_SIZE)
+        self.buffer_view = memoryview(self.buffer)
 
     def serve_forever(self):
         wake_r, wake_w = socket.socketpair()
@@ -196,16 +200,16 @@ class Server:
 
     def _read(self, session):
         try:
-            data = session.sock.recv(RECV_SIZE)
+            received = session.sock.recv_into(self.buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self._close(session)
             return
         try:
-            frames = session.decoder.feed(data)
+            frames = session.decoder.feed(self.buffer_view[:received])
         except ProtocolError as exc:
             log.warning("pid %d broke the protocol (%s): dropped", session.pid, exc)
             self._close(session)
@@ -250,9 +254,12 @@ class Server:
             log.warning("pid %d does not read its replies: dropped", session.pid)
             self._close(session)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
-        if self.selector.get_key(session.sock).events != events:
-            self.selector.modify(session.sock, events, self.selector.get_key(session.sock).data)
+        want_write = bool(out)
+        if want_write != session.want_write:
+            session.want_write = want_write
+            key = self.selector.get_key(session.sock)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
+            self.selector.modify(session.sock, events, key.data)
 
     def _close(self, session):
         if session not in self.live:

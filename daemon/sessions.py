@@ -14,7 +14,7 @@ from shmheap.protocol import Decoder
 class Session:
     """One client connection: its socket, framing state and pending output."""
 
-    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process")
+    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process", "want_write")
 
     def __init__(self, sock, pid, uid):
         self.sock = sock
@@ -24,6 +24,7 @@ class Session:
         self.outbuf = bytearray()
         self.greeted = False
         self.process = None
+        self.want_write = False  # registered for EVENT_WRITE (replies waiting to be sent)
 
 
 class Process:

@@ -26,11 +26,12 @@ from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_repl
 
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 
 _clients = weakref.WeakSet()
+_connections = itertools.count()  # numbers this process's process heaps, one per connection
 
 
 def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
@@ -60,13 +61,20 @@ class Client:
         sock = _open_socket(self.path, self._autostart, self._timeout)
         self._sock = sock
         self._unpacker = new_unpacker()
+        # A reused buffer: a fresh 256 KiB bytes per recv costs an mmap/munmap each time.
+        self._buffer = bytearray(RECV_SIZE)
+        self._buffer_view = memoryview(self._buffer)
         self._pid = os.getpid()
-        # The handshake and the process heap in one round trip.
+        # The handshake and the process heap in one round trip. Each connection has its own
+        # process heap (its allocator state lives in this object); the first is the one named
+        # plainly, as GetProcessHeap's.
         reserve, commit, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
+        number = next(_connections)
+        name = PROCESS_HEAP_NAME if number == 0 else f"{PROCESS_HEAP_NAME} #{number + 1}"
         try:
             (error, result), (heap_error, heap_handle) = self._roundtrip([
                 ("hello", (PROTOCOL_VERSION, {"pid": self._pid})),
-                ("heap_create", (PROCESS_HEAP_NAME, 0, reserve, commit, 0))])
+                ("heap_create", (name, 0, reserve, commit, 0))])
             if error:
                 raise_for(error, f"handshake refused: {result}")
             if heap_error:
@@ -100,9 +108,23 @@ class Client:
 
     def _after_fork_in_child(self):
         # The inherited socket is the parent's conversation: close our copy of the descriptor
-        # (the parent's stays open) and start afresh on the next call.
+        # (the parent's stays open) and start afresh on the next call. The parent's heaps are
+        # the parent's: their copies here must never carve the shared pages again.
         self._lock = threading.Lock()
         self._drop_socket()
+        self.heaps = {}
+        self.process_heap = None
+        self.local_objects = None
+
+    def ensure_connected(self):
+        """Reconnect if needed (after fork, or a lost connection); returns self."""
+        if self._sock is None:
+            with self._lock:
+                if self._sock is None:
+                    if self.mapping is None:
+                        raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
+                    self._connect()
+        return self
 
     @property
     def closed(self):
@@ -143,10 +165,9 @@ class Client:
     def call_many(self, requests):
         """Pipeline [(op, args), ...] in one write; returns [(error, result), ...] in order."""
         with self._lock:
-            if self._sock is None or self._pid != os.getpid():
+            if self._sock is None:  # closed, lost, or dropped in a forked child
                 if self.mapping is None:
                     raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
-                self._drop_socket()
                 self._connect()
             return self._roundtrip(requests)
 
@@ -161,11 +182,11 @@ class Client:
             except (BrokenPipeError, ConnectionResetError) as exc:
                 send_error = exc  # the daemon may have said why before it closed: read on
             while len(replies) < len(ids):
-                data = self._sock.recv(RECV_SIZE)
-                if not data:
+                received = self._sock.recv_into(self._buffer)
+                if not received:
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE,
                                         f"the daemon closed the connection{f' ({send_error})' if send_error else ''}")
-                self._unpacker.feed(data)
+                self._unpacker.feed(self._buffer_view[:received])
                 for frame in self._unpacker:
                     msgid, error, result = parse_reply(frame)
                     if msgid == 0 and error:  # refused before any request (foreign uid)
@@ -208,7 +229,7 @@ class Client:
     @property
     def heap(self):
         """The process heap (GetProcessHeap) as an object; it lives as long as the process."""
-        return PrivateHeap(self, self.process_heap)
+        return PrivateHeap(self, self.ensure_connected().process_heap)
 
     def heap_list(self):
         """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
@@ -253,11 +274,20 @@ class PrivateHeap:
     def handle(self):
         return self._heap.base
 
+    def _live(self):
+        """The allocator, if this heap is still one of this process's (not destroyed, and
+        not a parent's heap seen from a forked child)."""
+        heap = self._heap
+        if self._client.heaps.get(heap.base) is not heap:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "heap destroyed or of another process")
+        return heap
+
     def alloc(self, size, *, zero=False):
         if size < 0:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be negative")
-        with self._heap.lock:
-            return Block(self, self._heap.alloc(size, zero=zero))
+        heap = self._live()
+        with heap.lock:
+            return Block(self, heap.alloc(size, zero=zero))
 
     def validate(self):
         with self._heap.lock:
@@ -298,8 +328,9 @@ class Block:
 
     @property
     def size(self):
-        with self.heap._heap.lock:
-            return self.heap._heap.size(self.address)
+        heap = self.heap._live()
+        with heap.lock:
+            return heap.size(self.address)
 
     def view(self):
         """A writable memoryview of the block's bytes (no copy, no round trip)."""
@@ -315,13 +346,15 @@ class Block:
     def resize(self, size, *, zero=False, in_place=False):
         """HeapReAlloc: keeps the first min(old, new) bytes; the address may change unless
         `in_place`, which raises MemoryError if the block cannot grow where it is."""
-        with self.heap._heap.lock:
-            self.address = self.heap._heap.realloc(self.address, size, zero=zero, in_place_only=in_place)
+        heap = self.heap._live()
+        with heap.lock:
+            self.address = heap.realloc(self.address, size, zero=zero, in_place_only=in_place)
         return self
 
     def free(self):
-        with self.heap._heap.lock:
-            self.heap._heap.free(self.address)
+        heap = self.heap._live()
+        with heap.lock:
+            heap.free(self.address)
 
     def __enter__(self):
         return self
@@ -396,12 +429,12 @@ def default_client():
     """The connection the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart)."""
     global _default
     client = _default
-    if client is None or client.closed:
-        with _default_lock:
-            if _default is None or _default.closed:
-                _default = connect()
-            client = _default
-    return client
+    if client is not None and client._sock is not None:
+        return client
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = connect()
+        return _default.ensure_connected()
 
 
 def close_default():
@@ -413,8 +446,9 @@ def close_default():
 
 
 def _after_fork_in_child():
-    global _default_lock
+    global _default_lock, _connections
     _default_lock = threading.Lock()
+    _connections = itertools.count()
     for client in list(_clients):
         client._after_fork_in_child()
 

@@ -11,10 +11,12 @@ All metadata is out of band, in Python objects; nothing in the segment describes
 an overrun can corrupt data but never the allocator. Blocks are 16-byte aligned and come in
 three kinds, by size:
 
-    small   size <= SMALL_MAX: a slot in a *run*, one page cut into equal slots of one size
-            class (multiples of 16). A run keeps the exact size of each slot in an array('H')
-            and its free slots on a stack, so alloc and free are a pop and a push: about two
-            bytes of metadata per live block, and no search.
+    small   size <= SMALL_MAX (16 KiB): a slot in a *run*, pages cut into equal slots of one
+            size class (every multiple of 16 up to 1 KiB in one-page runs, then four classes
+            per power of two up to 16 KiB in 64 KiB runs; a run is filed under each of its
+            pages). A run keeps the exact size of each slot in an array('H') and its free
+            slots on a stack, so alloc and free are a pop and a push: about two bytes of
+            metadata per live block, and no search.
     medium  up to LARGE_THRESHOLD: carved from the heap's free ranges, found by segregated
             fit: free ranges sit in bins by size (exact 16-byte classes up to 1 KiB, then four
             bins per power of two, as TLSF does) and a bitmap of non-empty bins finds the
@@ -50,8 +52,9 @@ ALIGN = 16
 PAGE = 4096
 GRANULE = 64 * 1024
 HEAP_HEADER = 0x400 + 0x100 * 8  # bytes of the first segment never handed out (HC-09/HC-10)
-SMALL_MAX = 1024
-RUN_SIZE = PAGE  # a run is one page, so runs are found by page number
+SMALL_MAX = 16 * 1024
+TINY_MAX = 1024  # classes up to here are exact multiples of 16, in one-page runs
+BIG_RUN = 64 * 1024  # run size of the classes above TINY_MAX
 LARGE_THRESHOLD = 0xFE000  # larger blocks get a region of their own (HC-11, HC-13)
 MAX_REQUEST = 2**62  # anything larger cannot be satisfied: fail before doing arithmetic on it
 COMMIT_STEP = 64 * 1024
@@ -63,7 +66,11 @@ TAIL_FILL = 0xAB
 FREE_FILL = 0xFE
 SLOT_FREE = 0xFFFF  # size marker of a free slot in a run
 
-_SMALL_CLASSES = SMALL_MAX // ALIGN  # run classes 1..64 (16..1024 bytes)
+# Size classes: every multiple of 16 up to 1 KiB, then four per power of two up to 16 KiB.
+CLASS_SIZES = [0] + list(range(ALIGN, TINY_MAX + 1, ALIGN)) + [
+    (4 + step) << (power - 2) for power in range(10, 14) for step in range(1, 5)]
+_CLASS_OF = bytes(next(i for i, c in enumerate(CLASS_SIZES) if c >= extent) if extent else 1
+                  for extent in range(0, SMALL_MAX + 1, ALIGN))  # indexed by extent // 16
 
 
 def _round_up(value, unit):
@@ -145,12 +152,14 @@ class Segment:
 
 
 class Run:
-    __slots__ = ("base", "block", "sizes", "free", "live")
+    __slots__ = ("base", "size", "block", "cls", "sizes", "free", "live")
 
-    def __init__(self, base, block):
+    def __init__(self, base, size, cls):
         self.base = base
-        self.block = block
-        count = RUN_SIZE // block
+        self.size = size
+        self.cls = cls
+        self.block = block = CLASS_SIZES[cls]
+        count = size // block
         self.sizes = array("H", [SLOT_FREE]) * count
         self.free = list(range(count - 1, -1, -1))  # pop() hands out low addresses first
         self.live = 0
@@ -177,9 +186,10 @@ class Heap:
         self.free_end = {}  # end -> start
         self.bins = [set() for _ in range(_bin_of(MAX_REQUEST) + 1)]
         self.bitmap = 0
-        self.runs = {}  # page number -> Run
-        self.current = [None] * (_SMALL_CLASSES + 1)  # the run each class allocates from
-        self.partial = [[] for _ in range(_SMALL_CLASSES + 1)]  # runs with free slots
+        self.runs = {}  # page number -> Run, for every page of every run
+        self.run_set = set()
+        self.current = [None] * len(CLASS_SIZES)  # the run each class allocates from
+        self.partial = [[] for _ in CLASS_SIZES]  # runs with free slots, not current
         self.medium = {}  # address -> requested size
         self.large = {}  # address -> requested size (the region base is the address)
         self.live = 0
@@ -318,10 +328,10 @@ class Heap:
         first = self.segments[0]
         if len(self.segments) == 1 and first.committed_end == self.base + self.initial_commit:
             return
-        for run in list(self.runs.values()):
+        for run in list(self.run_set):
             self._dissolve(run)
-        self.current = [None] * (_SMALL_CLASSES + 1)
-        self.partial = [[] for _ in range(_SMALL_CLASSES + 1)]
+        self.current = [None] * len(CLASS_SIZES)
+        self.partial = [[] for _ in CLASS_SIZES]
         for segment in self.segments[1:]:
             self._trim(segment)
         top = self.free_end.get(first.committed_end)
@@ -336,16 +346,23 @@ class Heap:
 
     def alloc(self, size, zero=False):
         """A block of exactly `size` bytes (HeapSize reports `size`); raises ShmheapError."""
-        if size > MAX_REQUEST:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
-        extent = self._extent(size)
-        if extent <= SMALL_MAX:
-            address = self._alloc_small(extent >> 4, size)
+        extent = ((size + 15) & ~15) + self.tail or ALIGN
+        if extent <= SMALL_MAX:  # the hot path: a pop from the class's current run
+            cls = _CLASS_OF[extent >> 4]
+            run = self.current[cls]
+            if run is None or not run.free:
+                run = self._next_run(cls)
+            slot = run.free.pop()
+            run.sizes[slot] = size
+            run.live += 1
+            address = run.base + slot * run.block
         elif size <= LARGE_THRESHOLD:
             address = self._carve(extent)
             self.medium[address] = size
-        else:
+        elif size <= MAX_REQUEST:
             address = self._alloc_large(size)
+        else:
+            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         self.live += 1
         if zero:
             self._fill(address, size, 0)
@@ -353,31 +370,27 @@ class Heap:
             self._fill(address + size, extent - size, TAIL_FILL)
         return address
 
-    def _alloc_small(self, cls, size):
-        run = self.current[cls]
-        if run is None or not run.free:
-            run = self._next_run(cls)
-        slot = run.free.pop()
-        run.sizes[slot] = size
-        run.live += 1
-        return run.base + slot * run.block
-
     def _next_run(self, cls):
         partial = self.partial[cls]
         while partial:
             run = partial.pop()
-            if run.free and self.runs.get(run.base // RUN_SIZE) is run:
+            if run.free and run in self.run_set:
                 self.current[cls] = run
                 return run
-        base = self._carve(RUN_SIZE, RUN_SIZE)
-        run = Run(base, cls << 4)
-        self.runs[base // RUN_SIZE] = run
+        size = PAGE if CLASS_SIZES[cls] <= TINY_MAX else BIG_RUN
+        base = self._carve(size, PAGE)
+        run = Run(base, size, cls)
+        self.run_set.add(run)
+        for page in range(base // PAGE, (base + size) // PAGE):
+            self.runs[page] = run
         self.current[cls] = run
         return run
 
     def _dissolve(self, run):
-        del self.runs[run.base // RUN_SIZE]
-        self._add_free(run.base, run.base + RUN_SIZE)
+        self.run_set.discard(run)
+        for page in range(run.base // PAGE, (run.base + run.size) // PAGE):
+            del self.runs[page]
+        self._add_free(run.base, run.base + run.size)
 
     def _alloc_large(self, size):
         if not self.growable:
@@ -395,7 +408,7 @@ class Heap:
     def _locate(self, address):
         """('small', run, slot) / ('medium', None, None) / ('large', None, None) for a live
         block starting at `address`; raises ERROR_INVALID_PARAMETER otherwise (HF-02, HF-03)."""
-        run = self.runs.get(address // RUN_SIZE)
+        run = self.runs.get(address // PAGE)
         if run is not None:
             slot, offset = divmod(address - run.base, run.block)
             if offset == 0 and run.sizes[slot] != SLOT_FREE:
@@ -408,7 +421,7 @@ class Heap:
 
     def is_small(self, address):
         """True if `address` lies in a run (a small block's slot)."""
-        return address // RUN_SIZE in self.runs
+        return address // PAGE in self.runs
 
     def size(self, address):
         kind, run, slot = self._locate(address)
@@ -417,28 +430,34 @@ class Heap:
         return self.medium[address] if kind == "medium" else self.large[address]
 
     def free(self, address):
-        kind, run, slot = self._locate(address)
-        if kind == "small":
+        run = self.runs.get(address // PAGE)
+        if run is not None:  # the hot path: a push onto the run's free stack
+            slot, offset = divmod(address - run.base, run.block)
+            if offset or run.sizes[slot] == SLOT_FREE:
+                _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
             if self.checking:
                 self._fill(address, run.block, FREE_FILL)
             run.sizes[slot] = SLOT_FREE
             run.free.append(slot)
             run.live -= 1
-            cls = run.block >> 4
-            if run.live == 0 and self.current[cls] is not run:
-                self._dissolve(run)
-                self._trim(self._segment_of(run.base))
-            elif len(run.free) == 1 and self.current[cls] is not run:
-                self.partial[cls].append(run)
-        elif kind == "medium":
+            cls = run.cls
+            if self.current[cls] is not run:
+                if run.live == 0:
+                    self._dissolve(run)
+                    self._trim(self._segment_of(run.base))
+                elif len(run.free) == 1:
+                    self.partial[cls].append(run)
+        elif address in self.medium:
             extent = self._extent(self.medium.pop(address))
             if self.checking:
                 self._fill(address, extent, FREE_FILL)
             self._add_free(address, address + extent)
             self._trim(self._segment_of(address))
-        else:
+        elif address in self.large:
             del self.large[address]
             self.source.release(address)
+        else:
+            _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
         if self.live == 0:
             self._reset_when_empty()
@@ -514,12 +533,13 @@ class Heap:
         self.large.clear()
         self.medium.clear()
         self.runs.clear()
+        self.run_set.clear()
         self.segments = []
         self.live = 0
 
     def blocks(self):
         """(address, size) of every live block, in no particular order."""
-        for run in self.runs.values():
+        for run in self.run_set:
             for slot, size in enumerate(run.sizes):
                 if size != SLOT_FREE:
                     yield run.base + slot * run.block, size
@@ -536,7 +556,7 @@ class Heap:
                      if segment.base <= start < segment.end]
             items += [(a, "busy", s, self._extent(s) - s) for a, s in self.medium.items()
                       if segment.base <= a < segment.end]
-            for run in self.runs.values():
+            for run in self.run_set:
                 if segment.base <= run.base < segment.end:
                     items += [(run.base + slot * run.block, "busy", size, run.block - size)
                               for slot, size in enumerate(run.sizes) if size != SLOT_FREE]
@@ -565,7 +585,7 @@ class Heap:
 
     def _free_spans(self):
         yield from self.free_start.items()
-        for run in self.runs.values():
+        for run in self.run_set:
             for slot in run.free:
                 start = run.base + slot * run.block
                 yield start, start + run.block
@@ -581,9 +601,9 @@ class Heap:
 
     def compact(self):
         """Dissolve empty runs and decommit free tops; return the largest free range."""
-        for run in list(self.runs.values()):
+        for run in list(self.run_set):
             if run.live == 0:
-                cls = run.block >> 4
+                cls = run.cls
                 if self.current[cls] is run:
                     self.current[cls] = None
                 self._dissolve(run)
@@ -630,15 +650,18 @@ class Heap:
             problems.append("bins hold ranges that are not free")
         live = len(self.medium) + len(self.large)
         for page, run in self.runs.items():
-            if run.base != page * RUN_SIZE:
+            if not run.base <= page * PAGE < run.base + run.size or run not in self.run_set:
                 problems.append(f"run {run.base:#x} filed under page {page}")
+        if sum(run.size // PAGE for run in self.run_set) != len(self.runs):
+            problems.append("runs are not filed under exactly their pages")
+        for run in self.run_set:
             used = sum(1 for s in run.sizes if s != SLOT_FREE)
             if used != run.live or used + len(run.free) != len(run.sizes):
                 problems.append(f"run {run.base:#x} counts disagree")
             if any(run.sizes[slot] != SLOT_FREE for slot in run.free):
                 problems.append(f"run {run.base:#x} lists a busy slot as free")
             live += used
-            spans.append((run.base, run.base + RUN_SIZE, "run"))
+            spans.append((run.base, run.base + run.size, "run"))
         for address, size in self.medium.items():
             spans.append((address, address + self._extent(size), "block"))
         if live != self.live:

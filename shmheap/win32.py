@@ -191,17 +191,19 @@ def write(address, data):
 
 def CopyMemory(Destination, Source, Length):
     """Copy Length bytes; the ranges may overlap (memmove semantics, like MoveMemory)."""
-    if Length:
-        view(Destination, Length, write=True)[:] = view(Source, Length)
+    length = _size(Length)
+    if length:
+        view(_ptr(Destination), length, write=True)[:] = view(_ptr(Source), length)
 
 
 MoveMemory = CopyMemory
 
 
 def FillMemory(Destination, Length, Fill):
-    if Length:
-        target = view(Destination, Length, write=True)
-        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(target)), _dword(Fill) & 0xFF, Length)
+    length, fill = _size(Length), _dword(Fill) & 0xFF
+    if length:
+        target = view(_ptr(Destination), length, write=True)
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(target)), fill, length)
 
 
 def ZeroMemory(Destination, Length):
@@ -289,13 +291,16 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
 
 
 def HeapAlloc(hHeap, dwFlags, dwBytes):
-    heap = _heap(hHeap)
+    heap = default_client().heaps.get(hHeap & _MASK64)
     if heap is None:
+        _state.last_error = WinError.ERROR_INVALID_HANDLE
         return 0
-    flags = _dword(dwFlags)
+    flags = dwFlags & _MASK32
     try:
-        with _serialized(heap, flags):
-            return heap.alloc(_size(dwBytes), zero=bool(flags & HEAP_ZERO_MEMORY))
+        if (flags | heap.flags) & HEAP_NO_SERIALIZE:
+            return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
+        with heap.lock:
+            return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
     except _HEAP_FAILURE as exc:
         return _heap_failed(heap, flags, exc, 0)
 
@@ -321,20 +326,24 @@ def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
 
 
 def HeapFree(hHeap, dwFlags, lpMem):
-    address = _ptr(lpMem)
+    address = lpMem & _MASK64
     if address == 0:
         return True  # HF-01: NULL short-circuits before the heap is looked at
-    heap = _heap(hHeap)
+    client = default_client()
+    heap = client.heaps.get(hHeap & _MASK64)
     if heap is None:
-        return False
-    if _outside_segment(address):
-        _state.last_error = WinError.ERROR_NOACCESS
+        _state.last_error = WinError.ERROR_INVALID_HANDLE
         return False
     try:
-        with _serialized(heap, _dword(dwFlags)):
+        if (dwFlags | heap.flags) & HEAP_NO_SERIALIZE:
             heap.free(address)
+        else:
+            with heap.lock:
+                heap.free(address)
     except _HEAP_FAILURE as exc:
-        _state.last_error = exc.winerror
+        # HF-06: an address outside the segment is unmapped memory, not a bad block.
+        outside = not MIN_ADDRESS <= address < client.info["size"]
+        _state.last_error = WinError.ERROR_NOACCESS if outside else exc.winerror
         return False
     return True
 

@@ -155,6 +155,33 @@ def test_fork_child_opens_its_own_connection(daemon, client):
     assert client.call("virtual_query", mine)[4] == MEM_COMMIT
 
 
+def test_fork_child_cannot_use_its_parents_heaps(daemon, client):
+    heap = client.create_heap("parent's", initial=65536)
+    block = heap.alloc(100)
+    block.view()[:5] = b"mine!"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                heap.alloc(10)
+                code = 2  # the parent's heap must be refused here
+            except shmheap.ShmheapValueError as exc:
+                if exc.winerror == WinError.ERROR_INVALID_HANDLE:
+                    child_block = client.heap.alloc(100)  # our own process heap works
+                    code = 0 if child_block.address != block.address else 3
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"\0"
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert bytes(block.view()[:5]) == b"mine!"
+    heap.destroy()
+
+
 def test_threads_share_one_connection(client):
     errors = []
 
