@@ -8,6 +8,10 @@ Three comparisons, each printed as medians with the ratio shmheap / baseline:
     pipelining        call_many of 1000 echoes versus 1000 single calls, per request.
     64 KiB memory     VirtualAlloc + touch + VirtualFree versus the stdlib's
                       multiprocessing.shared_memory.SharedMemory create + touch + close + unlink.
+    heap blocks       HeapAlloc + HeapFree of 64 B and 4 KiB on a private heap versus the
+                      stdlib's shared-memory allocator, multiprocessing.heap.BufferWrapper.
+    metadata          Python memory the allocator holds per live 64-byte block (tracemalloc),
+                      with a million live blocks, versus BufferWrapper's per live buffer.
 
 The machine may be small and shared, so every figure is the median over batches (the mean
 within a batch), with the fastest batch beside it; shmheap and baseline batches alternate so
@@ -27,6 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
+from array import array
+from multiprocessing import heap as mp_heap
 from multiprocessing import shared_memory
 
 import msgpack
@@ -35,6 +42,7 @@ from shmheap import client as client_module
 from shmheap import win32
 
 START_TIMEOUT = 15.0  # seconds for a child server to accept
+RECV_SIZE = 64 * 1024  # as shmheap's client and daemon
 
 
 # ---- the two servers -------------------------------------------------------------------------
@@ -46,8 +54,10 @@ def _serve_bare_echo(path):
     listener.listen(1)
     conn, _ = listener.accept()
     unpacker = msgpack.Unpacker(raw=False)
-    while data := conn.recv(256 * 1024):
-        unpacker.feed(data)
+    buffer = bytearray(RECV_SIZE)  # reused, as the daemon does: fair to both
+    view = memoryview(buffer)
+    while received := conn.recv_into(buffer):
+        unpacker.feed(view[:received])
         for frame in unpacker:
             conn.sendall(msgpack.packb(frame))
     return 0
@@ -117,6 +127,8 @@ def _bare_echo_call(sock):
     send it, read until one whole reply has been unpacked."""
     unpacker = msgpack.Unpacker(raw=False)
     packer = msgpack.Packer()
+    buffer = bytearray(RECV_SIZE)
+    view = memoryview(buffer)
     msgid = 0
 
     def call():
@@ -124,7 +136,7 @@ def _bare_echo_call(sock):
         msgid += 1
         sock.sendall(packer.pack([msgid, "echo", 1]))
         while True:
-            unpacker.feed(sock.recv(256 * 1024))
+            unpacker.feed(view[:sock.recv_into(buffer)])
             for reply in unpacker:
                 return reply
     return call
@@ -166,6 +178,54 @@ def _shared_memory_pair():
     shm.unlink()
 
 
+def _heap_pair(heap, size):
+    def pair():
+        win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, size))
+    return pair
+
+
+def _buffer_wrapper_pair(size):
+    def pair():
+        wrapper = mp_heap.BufferWrapper(size)
+        del wrapper  # its finalizer returns the block to the arena
+    return pair
+
+
+def _metadata_per_block(make, count):
+    """Bytes of Python memory that `count` live objects from `make()` hold, per object,
+    less what holding their handles costs the caller (ints in an array, or a list)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = make(count)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    holder = held.itemsize * len(held) + 64 if isinstance(held, array) else sys.getsizeof(held)
+    return held, (after - before - holder) / count
+
+
+def _metadata(client, count, baseline_count):
+    heap = client.heap_create(0, 0, 0)
+
+    def fill(n):
+        addresses = array("Q", bytes(8 * n))
+        for i in range(n):
+            addresses[i] = heap.alloc(64)
+        return addresses
+
+    addresses, ours = _metadata_per_block(fill, count)
+    for address in addresses:
+        heap.free(address)
+    client.heap_destroy(heap)
+    wrappers, theirs = _metadata_per_block(
+        lambda n: [mp_heap.BufferWrapper(64) for _ in range(n)], baseline_count)
+    del wrappers
+    return {"shmheap_bytes": ours, "baseline_bytes": theirs, "count": count,
+            "baseline_count": baseline_count, "ratio": ours / theirs}
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 ROWS = [
@@ -173,10 +233,12 @@ ROWS = [
     ("echo", "echo round trip", "Client.call vs bare msgpack socket"),
     ("pipeline", "echo x1000, per request", "call_many vs 1000 x Client.call"),
     ("alloc64k", "64 KiB alloc+touch+free", "VirtualAlloc/Free vs SharedMemory"),
+    ("heap64", "64 B block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
+    ("heap4k", "4 KiB block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
 ]
 
 
-def run(folder, *, batches, echo_n, pipeline_n, alloc_n):
+def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, baseline_live):
     daemon_sock = os.path.join(folder, "d.sock")
     bare_sock = os.path.join(folder, "bare.sock")
     procs = []
@@ -208,6 +270,13 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n):
                                            _singles(client, pipeline_n), batches)
             results["alloc64k"] = _compare(_per_op(_virtual_alloc_pair, alloc_n),
                                            _per_op(_shared_memory_pair, alloc_n), batches)
+        # A private heap whose initial commit holds the working set, as a worker would size it.
+        heap = win32.HeapCreate(0, 1 << 20, 0)
+        for key, size in (("heap64", 64), ("heap4k", 4096)):
+            results[key] = _compare(_per_op(_heap_pair(heap, size), heap_n),
+                                    _per_op(_buffer_wrapper_pair(size), heap_n), batches)
+        win32.HeapDestroy(heap)
+        results["metadata"] = _metadata(client, live_blocks, baseline_live)
         return results
     finally:
         client_module.close_default()
@@ -228,8 +297,12 @@ def print_table(results, settings):
         ours = f"{row['shmheap_us']:.2f} ({row['shmheap_min_us']:.2f})"
         theirs = f"{row['baseline_us']:.2f} ({row['baseline_min_us']:.2f})"
         print(f"{operation:<25} {versus:<35} {ours:>16} {theirs:>16} {row['ratio']:>7.2f}")
+    meta = results["metadata"]
+    print(f"{'metadata per live block':<25} {'64 B blocks vs BufferWrapper(64)':<35}"
+          f" {meta['shmheap_bytes']:>14.1f} B {meta['baseline_bytes']:>14.1f} B {meta['ratio']:>7.3f}")
     print(f"batches of {settings['echo_n']} round trips, {settings['pipeline_n']} pipelined requests,"
-          f" {settings['alloc_n']} alloc/free pairs")
+          f" {settings['alloc_n']} VirtualAlloc pairs, {settings['heap_n']} heap pairs;"
+          f" metadata with {meta['count']:,} live blocks vs {meta['baseline_count']:,} buffers")
     print("row 2 compares shmheap with itself (what pipelining buys); in row 3 the shmheap touch"
           " goes through win32.view, a third round trip")
 
@@ -244,9 +317,11 @@ def main(argv=None):
         return _serve_bare_echo(args.serve_bare_echo)
 
     if args.quick:
-        settings = {"batches": 3, "echo_n": 200, "pipeline_n": 1000, "alloc_n": 30}
+        settings = {"batches": 3, "echo_n": 200, "pipeline_n": 1000, "alloc_n": 30,
+                    "heap_n": 1000, "live_blocks": 20_000, "baseline_live": 5_000}
     else:
-        settings = {"batches": 15, "echo_n": 2000, "pipeline_n": 1000, "alloc_n": 300}
+        settings = {"batches": 15, "echo_n": 2000, "pipeline_n": 1000, "alloc_n": 300,
+                    "heap_n": 20_000, "live_blocks": 1_000_000, "baseline_live": 100_000}
     # A short path of our own: Unix socket paths are limited to 108 bytes.
     folder = tempfile.mkdtemp(prefix="shb", dir="/tmp")
     try:
@@ -257,6 +332,7 @@ def main(argv=None):
     if args.json:
         rows = [{"key": key, "operation": operation, "versus": versus, **results[key]}
                 for key, operation, versus in ROWS]
+        rows.append({"key": "metadata", **results["metadata"]})
         with open(args.json, "w") as f:
             json.dump({"settings": settings, "python": sys.version.split()[0], "rows": rows}, f, indent=2)
     return 0

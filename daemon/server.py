@@ -154,7 +154,10 @@ class Server:
                         log.info("idle for %ss with no clients: exiting", self.idle_exit)
                         break
                 for key, mask in self.selector.select(timeout):
-                    key.data(key.fileobj, mask)
+                    if type(key.data) is Session:
+                        self._on_ready(key.data, mask)
+                    else:
+                        key.data(key.fileobj, mask)
                 if self.live:
                     idle_since = time.monotonic()
         finally:
@@ -189,7 +192,7 @@ class Server:
         sock.setblocking(False)
         session = Session(sock, pid, uid)
         self.live.add(session)
-        self.selector.register(sock, selectors.EVENT_READ, lambda s, m: self._on_ready(session, m))
+        self.selector.register(sock, selectors.EVENT_READ, session)
         log.debug("pid %d connected", pid)
 
     def _on_ready(self, session, mask):

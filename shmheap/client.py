@@ -121,9 +121,7 @@ class Client:
         if self._sock is None:
             with self._lock:
                 if self._sock is None:
-                    if self.mapping is None:
-                        raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
-                    self._connect()
+                    self._reconnect()
         return self
 
     @property
@@ -153,11 +151,15 @@ class Client:
 
     def call_raw(self, op, *args):
         """One request; returns (error, result) without raising for Win32 errors."""
-        return self.call_many([(op, args)])[0]
+        with self._lock:
+            if self._sock is None:
+                self._reconnect()
+            msgid = next(self._ids)
+            return self._exchange(encode_request(msgid, op, args), (msgid,))[0]
 
     def call(self, op, *args):
         """One request; returns its result or raises the exception for its Win32 error."""
-        error, result = self.call_many([(op, args)])[0]
+        error, result = self.call_raw(op, *args)
         if error:
             raise_for(error, result if isinstance(result, str) else None)
         return result
@@ -165,15 +167,24 @@ class Client:
     def call_many(self, requests):
         """Pipeline [(op, args), ...] in one write; returns [(error, result), ...] in order."""
         with self._lock:
-            if self._sock is None:  # closed, lost, or dropped in a forked child
-                if self.mapping is None:
-                    raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
-                self._connect()
-            return self._roundtrip(requests)
+            if self._sock is None:
+                self._reconnect()
+            ids = [next(self._ids) for _ in requests]
+            payload = b"".join([encode_request(msgid, op, args) for msgid, (op, args) in zip(ids, requests)])
+            return self._exchange(payload, ids)
+
+    def _reconnect(self):
+        """Under the lock: a new connection after close, loss, or fork (not after close())."""
+        if self.mapping is None:
+            raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
+        self._connect()
 
     def _roundtrip(self, requests):
         ids = [next(self._ids) for _ in requests]
-        payload = b"".join(encode_request(msgid, op, args) for msgid, (op, args) in zip(ids, requests))
+        return self._exchange(b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)]), ids)
+
+    def _exchange(self, payload, ids):
+        """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
         replies = {}
         send_error = None
         try:

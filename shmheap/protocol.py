@@ -157,8 +157,11 @@ def parse_request(frame):
     spec = OPS.get(op)
     if spec is None:
         raise RequestError(msgid, WinError.ERROR_INVALID_FUNCTION, f"unknown op {op[:64]!r}")
-    if len(args) != len(spec) or not all(check(arg) for check, arg in zip(spec, args)):
+    if len(args) != len(spec):
         raise RequestError(msgid, WinError.ERROR_INVALID_PARAMETER, f"bad arguments for {op}")
+    for check, arg in zip(spec, args):
+        if not check(arg):
+            raise RequestError(msgid, WinError.ERROR_INVALID_PARAMETER, f"bad arguments for {op}")
     return msgid, op, args
 
 
