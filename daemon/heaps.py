@@ -123,15 +123,18 @@ class PageTablePages:
     """The page source of a heap the daemon runs itself (the global heap): regions and
     commits straight from the page table, owned by `owner` (SYSTEM for shared memory)."""
 
-    def __init__(self, pagetable, owner, memory, protect=PAGE_READWRITE, kind="global"):
+    def __init__(self, pagetable, owner, memory, protect=PAGE_READWRITE, kind="global", shared=False):
         self.pagetable = pagetable
         self.owner = owner
         self.memory = memory
         self.protect = protect
         self.kind = kind
+        self.shared = shared  # regions every process may view
 
     def reserve(self, size):
-        return self.pagetable.reserve(self.owner, size, self.protect, kind=self.kind).base
+        region = self.pagetable.reserve(self.owner, size, self.protect, kind=self.kind)
+        region.shared = self.shared
+        return region.base
 
     def _pages(self, address, size):
         region = self.pagetable.region_at(address)

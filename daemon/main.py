@@ -10,8 +10,10 @@ import time
 from shmheap import segment
 from shmheap.protocol import PROTOCOL_VERSION
 
+from .handles import GlobalMemory
 from .heaps import Heaps
 from .pagetable import Backing, PageTable
+from .sections import Sections
 from .server import Handlers, Server, listen, peer_is_listening
 from .sessions import Sessions
 
@@ -87,6 +89,7 @@ def main(argv=None):
     process_limit = args.process_commit_limit if args.process_commit_limit is not None else commit_limit
     shm = segment.create(name, args.size, os.getpid(), time.time_ns())
     mapping = segment.map_segment(name, args.size)
+    memory = memoryview(mapping)  # the global heap's view of the bytes
     listener = None
     try:
         pagetable = PageTable(args.size, Backing(shm.fd, mapping), commit_limit, process_limit)
@@ -98,7 +101,8 @@ def main(argv=None):
                 "commit_limit": commit_limit, "process_commit_limit": process_limit}
         listener = listen(path)
         log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
-        handlers = Handlers(info, pagetable, Heaps(pagetable), sessions)
+        handlers = Handlers(info, pagetable, Heaps(pagetable), GlobalMemory(pagetable, memory),
+                            Sections(pagetable), sessions)
         server = Server(listener, handlers, sessions,
                         allowed_uids={os.getuid(), *args.allow_uid}, idle_exit=args.idle_exit)
         server.serve_forever()
@@ -107,6 +111,7 @@ def main(argv=None):
             listener.close()
             if os.path.lexists(path):
                 os.unlink(path)
+        memory.release()
         mapping.close()
         shm.close_fd()
         segment.unlink_quietly(name)

@@ -94,8 +94,8 @@ class Backing:
 class Region:
     """One reservation. Pages are runs; see the module docstring."""
 
-    __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "starts", "values",
-                 "committed_pages")
+    __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "viewers", "starts",
+                 "values", "committed_pages")
 
     def __init__(self, base, size, owner, kind, alloc_protect):
         self.base = base
@@ -103,7 +103,8 @@ class Region:
         self.owner = owner
         self.kind = kind  # "private" (VirtualAlloc); later layers add their own
         self.alloc_protect = alloc_protect
-        self.shared = False  # visible to every process (global heap, sections)
+        self.shared = False  # visible to every process (the global heap)
+        self.viewers = None  # a section's: pid -> writable, for the processes with views
         self.starts = [0]
         self.values = [RESERVED]
         self.committed_pages = 0
@@ -437,7 +438,7 @@ class PageTable:
             gap_end = self.bases[i] if i < len(self.bases) else self.size
             return (page, 0, 0, gap_end - page, MEM_FREE, PAGE_NOACCESS, 0)
         kind = MEM_MAPPED if region.kind == "section" else MEM_PRIVATE
-        if region.owner != owner and not region.shared:
+        if not _visible(region, owner):
             # Another process's memory: visible as taken, never as accessible.
             return (page, region.base, PAGE_NOACCESS, region.end - page, MEM_RESERVE, 0, kind)
         index = (page - region.base) // PAGE_SIZE
@@ -467,7 +468,7 @@ class PageTable:
         if size == 0 or address + size > self.size:
             _fail(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
         region = self.region_at(address)
-        if region is None or (region.owner != owner and not region.shared) or address + size > region.end:
+        if region is None or not _visible(region, owner) or address + size > region.end:
             _fail(WinError.ERROR_NOACCESS, f"no accessible memory at {address:#x}+{size:#x}")
         first = (address - region.base) // PAGE_SIZE
         last = (_round_up(address + size, PAGE_SIZE) - region.base) // PAGE_SIZE
@@ -480,9 +481,17 @@ class PageTable:
         if any(not value & PAGE_READABLE for _, _, value in runs):
             _fail(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
         writable = all(value & PAGE_WRITABLE for _, _, value in runs)
+        if region.viewers is not None and region.owner != owner:
+            writable = writable and region.viewers[owner]  # as the process's views allow
         if want_write and not writable:
             _fail(WinError.ERROR_NOACCESS, "range holds read-only pages")
         return writable
+
+
+def _visible(region, owner):
+    """May process `owner` see into `region`: its own, shared, or a section it has a view of."""
+    return (region.owner == owner or region.shared
+            or (region.viewers is not None and owner in region.viewers))
 
 
 def check_protection(protect):

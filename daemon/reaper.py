@@ -5,10 +5,10 @@ the kernel; the server sees end-of-file on the last one and calls `release_proce
 walk goes from the layers on top to the pages below, so nothing is freed while something above
 still points into it:
 
-    1. heaps: every heap the process created, with all its regions (HeapDestroy).
-    2. private regions (VirtualAlloc), decommitted (MADV_REMOVE) and unreserved.
-
-Later layers (heaps, global blocks, sections, clipboard) insert their step above the pages.
+    1. global objects it allocated and did not share (GMEM_DDESHARE ones outlive it).
+    2. its section handles and views; a section nobody holds any more is released.
+    3. heaps: every heap the process created, with all its regions (HeapDestroy).
+    4. private regions (VirtualAlloc), decommitted (MADV_REMOVE) and unreserved.
 """
 
 import logging
@@ -16,10 +16,13 @@ import logging
 log = logging.getLogger("shmheapd.reaper")
 
 
-def release_process(pid, heaps, pagetable):
-    heap_count = heaps.release_owner(pid)
-    regions, freed = pagetable.release_owner(pid)
-    if regions or heap_count:
-        log.info("pid %d gone: released %d heaps, %d regions, %d bytes committed",
-                 pid, heap_count, regions, freed)
+def release_process(pid, layers):
+    """`layers` holds the daemon's global_memory, sections, heaps and pagetable."""
+    objects = layers.global_memory.release_owner(pid)
+    sections = layers.sections.release_owner(pid)
+    heap_count = layers.heaps.release_owner(pid)
+    regions, freed = layers.pagetable.release_owner(pid)
+    if regions or heap_count or objects or sections:
+        log.info("pid %d gone: released %d global objects, %d section holds, %d heaps,"
+                 " %d regions, %d bytes committed", pid, objects, sections, heap_count, regions, freed)
     return regions, freed

@@ -32,10 +32,12 @@ class Handlers:
     """One method per op of `shmheap.protocol.OPS`, named after it. Each takes the session
     and the checked arguments and returns the result, or raises ShmheapError."""
 
-    def __init__(self, daemon_info, pagetable, heaps, sessions):
+    def __init__(self, daemon_info, pagetable, heaps, global_memory, sections, sessions):
         self.info = daemon_info
         self.pagetable = pagetable
         self.heaps = heaps
+        self.global_memory = global_memory
+        self.sections = sections
         self.sessions = sessions
 
     def hello(self, session, version, client_info):
@@ -99,6 +101,54 @@ class Handlers:
     def heap_list(self, session):
         return self.heaps.list()
 
+    def global_alloc(self, session, flags, size):
+        return self.global_memory.alloc(session.pid, flags, size)
+
+    def global_alloc_many(self, session, flags, sizes):
+        return self.global_memory.alloc_many(session.pid, flags, sizes)
+
+    def global_free(self, session, handle):
+        return self.global_memory.free(session.pid, handle)
+
+    def global_realloc(self, session, handle, size, flags):
+        return self.global_memory.realloc(session.pid, handle, size, flags)
+
+    def global_size(self, session, handle):
+        return self.global_memory.table.size(handle)
+
+    def global_lock(self, session, handle):
+        return self.global_memory.table.lock(handle)
+
+    def global_unlock(self, session, handle):
+        return self.global_memory.table.unlock(handle)
+
+    def global_flags(self, session, handle):
+        return self.global_memory.table.flags(handle)
+
+    def global_handle(self, session, pointer):
+        return self.global_memory.table.handle(pointer)
+
+    def global_compact(self, session, min_free):
+        return [self.global_memory.compact(session.pid), None]
+
+    def section_create(self, session, protect, size, name):
+        return self.sections.create(session.pid, protect, size, name)
+
+    def section_open(self, session, access, name):
+        return self.sections.open(session.pid, access, name)
+
+    def section_map(self, session, handle, access, offset, size):
+        return self.sections.map(session.pid, handle, access, offset, size)
+
+    def section_unmap(self, session, address):
+        return self.sections.unmap(session.pid, address)
+
+    def section_close(self, session, handle):
+        return self.sections.close(session.pid, handle)
+
+    def section_list(self, session):
+        return self.sections.list()
+
     def status(self, session):
         table = self.pagetable
         return {
@@ -114,6 +164,7 @@ class Handlers:
 
     def check(self, session):
         try:
+            self.global_memory.heap.check()
             return self.pagetable.check()
         except RuntimeError as exc:
             raise ShmheapError(WinError.ERROR_GEN_FAILURE, str(exc)) from None
@@ -272,7 +323,7 @@ class Server:
         session.sock.close()
         process = self.sessions.detach(session)
         if process is not None:
-            release_process(process.pid, self.handlers.heaps, self.handlers.pagetable)
+            release_process(process.pid, self.handlers)
         log.debug("pid %d disconnected", session.pid)
 
 

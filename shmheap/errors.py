@@ -14,6 +14,7 @@ class WinError(IntEnum):
 
     ERROR_SUCCESS = 0
     ERROR_INVALID_FUNCTION = 1
+    ERROR_FILE_NOT_FOUND = 2
     ERROR_ACCESS_DENIED = 5
     ERROR_INVALID_HANDLE = 6
     ERROR_NOT_ENOUGH_MEMORY = 8
@@ -31,6 +32,7 @@ class WinError(IntEnum):
     ERROR_PARTIAL_COPY = 299
     ERROR_INVALID_ADDRESS = 487
     ERROR_NOACCESS = 998
+    ERROR_MAPPED_ALIGNMENT = 1132
     ERROR_COMMITMENT_LIMIT = 1455
     ERROR_TIMEOUT = 1460
     # Not a Win32 error code: STATUS_GUARD_PAGE_VIOLATION, raised once by the first access to a
@@ -95,6 +97,8 @@ _ERROR_CLASSES = {
     WinError.ERROR_ALREADY_EXISTS: ShmheapValueError,
     WinError.ERROR_NOT_LOCKED: ShmheapValueError,
     WinError.ERROR_DISCARDED: ShmheapValueError,
+    WinError.ERROR_FILE_NOT_FOUND: ShmheapValueError,
+    WinError.ERROR_MAPPED_ALIGNMENT: ShmheapValueError,
 }
 
 

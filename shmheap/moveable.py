@@ -6,8 +6,10 @@ the pointer field of a 16-byte slot in a handle table (so handles are 8 mod 16, 
 pointers 0 mod 16, and the 8 bytes at a handle hold the current data pointer, GL-04).
 The table's slots live in heap blocks of TABLE_CHUNK slots; lock counts, flags and the
 authoritative pointer are kept out of band in `entries`. At most MAX_HANDLES moveable objects
-exist at once (GL-02). Freed slots are reused oldest first, so a stale handle stays invalid
-for as long as possible before its slot serves again.
+exist at once (GL-02). Freed slots are reused oldest first. A table made with `stamped`
+(the global one, whose handles cross processes) also puts a generation count for the slot in
+the handle's bits above STAMP_SHIFT, so a stale handle is recognised as stale and is never
+taken for the newer object in its slot (the pointer is then at `handle & ADDRESS_MASK`).
 
 Every operation returns (value, error): `error` None leaves the caller's last error alone,
 anything else is stored (ERROR_SUCCESS included, where Windows sets it). Values and errors
@@ -25,6 +27,8 @@ SLOT = 16
 TABLE_CHUNK = 256
 MAX_HANDLES = 65536
 MAX_LOCKS = 255  # the lock count saturates (GL-07)
+STAMP_SHIFT = 40  # segments stay below 1 TiB, so addresses fit under the generation stamp
+ADDRESS_MASK = (1 << STAMP_SHIFT) - 1
 
 
 class Flavor:
@@ -56,9 +60,11 @@ class Entry:
 
 
 class MoveableTable:
-    def __init__(self, heap, flavor):
+    def __init__(self, heap, flavor, *, stamped=False):
         self.heap = heap
         self.flavor = flavor
+        self.stamped = stamped
+        self.generations = {}  # slot -> times it has been handed out
         self.entries = {}  # handle -> Entry
         self.by_pointer = {}  # data pointer -> handle
         self.free_handles = deque()
@@ -89,14 +95,19 @@ class MoveableTable:
             chunk = self.heap.alloc(TABLE_CHUNK * SLOT, zero=True)
             self.chunks.append(chunk)
             self.free_handles.extend(chunk + i * SLOT + 8 for i in range(TABLE_CHUNK))
-        return self.free_handles.popleft()
+        slot = self.free_handles.popleft()
+        if not self.stamped:
+            return slot
+        generation = self.generations[slot] = self.generations.get(slot, 0) + 1
+        return slot | generation << STAMP_SHIFT
 
     def _set_pointer(self, handle, entry, pointer):
         self.by_pointer.pop(entry.pointer, None)
         entry.pointer = pointer
         if pointer:
             self.by_pointer[pointer] = handle
-        self.heap.memory[handle:handle + 8] = pointer.to_bytes(8, "little")
+        slot = handle & ADDRESS_MASK
+        self.heap.memory[slot:slot + 8] = pointer.to_bytes(8, "little")
 
     # ---- the calls -----------------------------------------------------------------------
 
@@ -109,7 +120,7 @@ class MoveableTable:
             try:
                 pointer = self.heap.alloc(size, zero=zero) if size else 0
             except ShmheapError:
-                self.free_handles.appendleft(handle)
+                self.free_handles.appendleft(handle & ADDRESS_MASK)
                 raise
         except ShmheapError as exc:
             return 0, exc.winerror
@@ -171,8 +182,9 @@ class MoveableTable:
             if entry.pointer:
                 self.by_pointer.pop(entry.pointer, None)
                 self.heap.free(entry.pointer)
-            self.heap.memory[handle:handle + 8] = bytes(8)
-            self.free_handles.append(handle)
+            slot = handle & ADDRESS_MASK
+            self.heap.memory[slot:slot + 8] = bytes(8)
+            self.free_handles.append(slot)
             return 0, None
         if self._is_block(handle) and handle not in self.by_pointer:
             self.heap.free(handle)

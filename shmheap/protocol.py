@@ -90,6 +90,24 @@ OPS = {
     "heap_release": (_u64, _u64),  # handle, region base
     "heap_destroy": (_u64,),
     "heap_list": (),
+    # GlobalAlloc family: each returns [value, error or None] (the Win32 return value and the
+    # last error it sets, if any), since several calls "fail" with a value and some set none.
+    "global_alloc": (_u32, _u64),  # flags, size
+    "global_alloc_many": (_u32, _list_u64),  # flags, sizes: all or none, returns handles
+    "global_free": (_u64,),
+    "global_realloc": (_u64, _u64, _u32),  # handle, size, flags
+    "global_size": (_u64,),
+    "global_lock": (_u64,),
+    "global_unlock": (_u64,),
+    "global_flags": (_u64,),
+    "global_handle": (_u64,),
+    "global_compact": (_u64,),
+    "section_create": (_u32, _u64, _opt_str),  # protect, size, name -> [handle, existed]
+    "section_open": (_u32, _str),  # access, name -> handle
+    "section_map": (_u64, _u32, _u64, _u64),  # handle, access, offset, size -> address
+    "section_unmap": (_u64,),
+    "section_close": (_u64,),
+    "section_list": (),
     "status": (),
     "check": (),
 }

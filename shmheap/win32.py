@@ -341,11 +341,24 @@ def HeapFree(hHeap, dwFlags, lpMem):
             with heap.lock:
                 heap.free(address)
     except _HEAP_FAILURE as exc:
-        # HF-06: an address outside the segment is unmapped memory, not a bad block.
-        outside = not MIN_ADDRESS <= address < client.info["size"]
-        _state.last_error = WinError.ERROR_NOACCESS if outside else exc.winerror
+        # HF-06: an address outside the segment is unmapped memory; one in memory no heap of
+        # ours holds is not heap memory at all (the last error stays); in a heap, a bad block.
+        if not MIN_ADDRESS <= address < client.info["size"]:
+            _state.last_error = WinError.ERROR_NOACCESS
+        elif not _in_foreign_region(client, address):
+            _state.last_error = exc.winerror
         return False
     return True
+
+
+def _in_foreign_region(client, address):
+    """True if `address` lies in live memory that is no heap's of ours (a VirtualAlloc
+    region, say): a failure path only, so one round trip is fine."""
+    error, fields = client.call_raw("virtual_query", address)
+    if error or fields[4] == MEM_FREE:
+        return False
+    base = fields[1]
+    return not any(base in heap.segment_bases or base in heap.large for heap in client.heaps.values())
 
 
 def HeapSize(hHeap, dwFlags, lpMem):
@@ -516,3 +529,102 @@ def LocalHandle(pMem):
 
 def LocalDiscard(hMem):
     return _local("discard", _ptr(hMem))
+
+
+# ---- GlobalAlloc: objects in the daemon's global heap, valid in every process --------------
+# The daemon keeps the objects, lock counts and ownership; each call is one round trip and
+# returns the Win32 value together with the last error it sets (or None: left alone).
+
+def _global(op, *args):
+    value, error = default_client().call(op, *args)
+    if error is not None:
+        _state.last_error = error
+    return value
+
+
+def GlobalAlloc(uFlags, dwBytes):
+    """A fixed object (its handle is its address) or, with GMEM_MOVEABLE, a handle to lock.
+    It dies with this process unless GMEM_DDESHARE / GMEM_SHARE."""
+    return _global("global_alloc", _dword(uFlags), _size(dwBytes))
+
+
+def GlobalFree(hMem):
+    return _global("global_free", _ptr(hMem))
+
+
+def GlobalReAlloc(hMem, dwBytes, uFlags):
+    return _global("global_realloc", _ptr(hMem), _size(dwBytes), _dword(uFlags))
+
+
+def GlobalSize(hMem):
+    return _global("global_size", _ptr(hMem))
+
+
+def GlobalLock(hMem):
+    return _global("global_lock", _ptr(hMem))
+
+
+def GlobalUnlock(hMem):
+    return _global("global_unlock", _ptr(hMem))
+
+
+def GlobalFlags(hMem):
+    return _global("global_flags", _ptr(hMem))
+
+
+def GlobalHandle(pMem):
+    return _global("global_handle", _ptr(pMem))
+
+
+def GlobalDiscard(hMem):
+    return GlobalReAlloc(hMem, 0, GMEM_MOVEABLE)
+
+
+def GlobalCompact(dwMinFree):
+    """Moves unlocked moveable objects together; returns the largest free block."""
+    return _global("global_compact", _size(dwMinFree))
+
+
+# ---- named file mappings (sections) -------------------------------------------------------
+
+def CreateFileMapping(hFile, lpFileMappingAttributes, flProtect, dwMaximumSizeHigh,
+                      dwMaximumSizeLow, lpName):
+    """A pagefile-backed section (hFile must be INVALID_HANDLE_VALUE). Opening an existing
+    name returns a handle to it and sets ERROR_ALREADY_EXISTS."""
+    if _ptr(hFile) != INVALID_HANDLE_VALUE:
+        _state.last_error = WinError.ERROR_INVALID_HANDLE  # sections of real files: not here
+        return 0
+    size = (_dword(dwMaximumSizeHigh) << 32) | _dword(dwMaximumSizeLow)
+    result = _call(None, "section_create", _dword(flProtect), size, lpName or None)
+    if result is None:
+        return 0
+    handle, existed = result
+    _state.last_error = WinError.ERROR_ALREADY_EXISTS if existed else WinError.ERROR_SUCCESS
+    return handle
+
+
+CreateFileMappingW = CreateFileMappingA = CreateFileMapping
+
+
+def OpenFileMapping(dwDesiredAccess, bInheritHandle, lpName):
+    return _call(0, "section_open", _dword(dwDesiredAccess), str(lpName))
+
+
+OpenFileMappingW = OpenFileMappingA = OpenFileMapping
+
+
+def MapViewOfFile(hFileMappingObject, dwDesiredAccess, dwFileOffsetHigh, dwFileOffsetLow,
+                  dwNumberOfBytesToMap):
+    """The address of the view: the section's own bytes, the same address in every process.
+    FILE_MAP_READ alone makes this process's views read-only."""
+    offset = (_dword(dwFileOffsetHigh) << 32) | _dword(dwFileOffsetLow)
+    return _call(0, "section_map", _ptr(hFileMappingObject), _dword(dwDesiredAccess), offset,
+                 _size(dwNumberOfBytesToMap))
+
+
+def UnmapViewOfFile(lpBaseAddress):
+    return _call(False, "section_unmap", _ptr(lpBaseAddress))
+
+
+def CloseHandle(hObject):
+    return _call(False, "section_close", _ptr(hObject))

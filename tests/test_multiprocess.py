@@ -81,9 +81,11 @@ def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
     child.join(10)
     wait_until(lambda: daemon.resident_bytes() == baseline, what="the dead client's pages to go")
     status = client.status()
-    assert [r[2] for r in status["regions"]] == [client.pid]  # only our process heap is left
+    # Only our process heap and the system's global heap are left.
+    assert sorted((r[2], r[3]) for r in status["regions"]) == [(0, "global"), (client.pid, "heap")]
     assert child.pid not in [p["pid"] for p in status["processes"]]
-    assert f"pid {child.pid} gone: released 1 heaps, 1 regions" in daemon.log_text()
+    assert f"pid {child.pid} gone: released 0 global objects, 0 section holds, 1 heaps, 1 regions" \
+        in daemon.log_text()
     assert client.call("virtual_query", address)[4] == 0x10000  # MEM_FREE
     client.check()
 
