@@ -7,10 +7,10 @@ segment owned by the `shmheapd` daemon. See ../shared/DESIGN.md for the layers.
     from shmheap.win32 import VirtualAlloc, MEM_COMMIT, PAGE_READWRITE
 """
 
-from .client import Client, connect
+from .client import Block, Client, PrivateHeap, SharedBuffer, connect
 from .errors import (GuardPageError, ProtocolError, ShmheapError, ShmheapMemoryError,
                      ShmheapPermissionError, ShmheapValueError, WinError)
 
-__all__ = ["Client", "connect", "WinError", "ShmheapError", "ShmheapMemoryError",
+__all__ = ["Client", "connect", "PrivateHeap", "Block", "SharedBuffer", "WinError", "ShmheapError", "ShmheapMemoryError",
            "ShmheapPermissionError", "ShmheapValueError", "GuardPageError", "ProtocolError"]
 __version__ = "0.1.0"

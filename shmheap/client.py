@@ -20,6 +20,7 @@ import weakref
 
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .constants import GMEM_DDESHARE, GMEM_ZEROINIT
 from .heap import Heap, PageSource, heap_layout
 from .moveable import LOCAL, MoveableTable
 from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_reply
@@ -242,6 +243,33 @@ class Client:
         """The process heap (GetProcessHeap) as an object; it lives as long as the process."""
         return PrivateHeap(self, self.ensure_connected().process_heap)
 
+    # ---- shared buffers (global memory) --------------------------------------------------
+
+    def share(self, size, *, zero=False, keep=False):
+        """A SharedBuffer of `size` bytes in global memory, usable from any process by handle.
+        It belongs to this process and is freed when it exits, unless `keep` (GMEM_SHARE):
+        then it lives until some process frees it."""
+        return self.share_many([size], zero=zero, keep=keep)[0]
+
+    def share_many(self, sizes, *, zero=False, keep=False):
+        """Many SharedBuffers in one round trip (all or none)."""
+        sizes = [int(size) for size in sizes]
+        if any(size < 0 for size in sizes):
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "sizes must not be negative")
+        flags = (GMEM_ZEROINIT if zero else 0) | (GMEM_DDESHARE if keep else 0)
+        addresses = self.call("global_alloc_many", flags, sizes)
+        return [SharedBuffer(self, address, size, owner=True) for address, size in zip(addresses, sizes)]
+
+    def share_array(self, shape, dtype="float64", *, zero=False, keep=False):
+        """A SharedBuffer sized for a numpy array of `shape` and `dtype`; returns
+        (buffer, array), the array viewing the buffer's bytes with no copy."""
+        import numpy
+
+        dtype = numpy.dtype(dtype)
+        count = int(numpy.prod(shape, dtype=numpy.int64))
+        buffer = self.share(count * dtype.itemsize, zero=zero, keep=keep)
+        return buffer, buffer.numpy(dtype, shape)
+
     def heap_list(self):
         """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
         return self.call("heap_list")
@@ -375,6 +403,68 @@ class Block:
 
     def __repr__(self):
         return f"Block(address={self.address:#x}, size={self.size})"
+
+
+class SharedBuffer:
+    """Bytes in global memory that every connected process can use, with no copy.
+
+    Pickling sends only (address, size, socket): the receiving process (a pool worker,
+    whatever the start method) reattaches through its own mapping of the segment, with no
+    round trip to the daemon. Ownership: the process that created the buffer owns it; it is
+    freed by `free()` (from any process), or when the owner exits unless made with
+    keep=True. A receiver must not use a buffer after its owner freed it: hand buffers out
+    for as long as the owner keeps them (as a pool does until its results are in)."""
+
+    __slots__ = ("client", "address", "size", "owner", "__weakref__")
+
+    def __init__(self, client, address, size, *, owner=False):
+        self.client = client
+        self.address = address
+        self.size = size
+        self.owner = owner  # made by this process (a received copy is not the owner)
+
+    @property
+    def handle(self):
+        return self.address  # a fixed global object's handle is its address
+
+    def view(self):
+        return self.client._view[self.address:self.address + self.size]
+
+    def numpy(self, dtype="uint8", shape=None):
+        import numpy
+
+        array = numpy.frombuffer(self.view(), dtype=dtype)
+        return array if shape is None else array.reshape(shape)
+
+    def free(self):
+        value, error = self.client.call("global_free", self.address)
+        if value:
+            raise_for(error or WinError.ERROR_INVALID_HANDLE, f"buffer {self.address:#x} was not live")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.owner:
+            self.free()
+
+    def __reduce__(self):
+        return _attach_buffer, (self.address, self.size, self.client.path)
+
+    def __repr__(self):
+        return f"SharedBuffer(address={self.address:#x}, size={self.size})"
+
+
+_attached = {}  # socket path -> the client received buffers use in this process
+
+
+def _attach_buffer(address, size, path):
+    """Unpickling a SharedBuffer: map it through a client of this process for `path` (the
+    default one if it matches, else one opened once and kept)."""
+    client = _default if _default is not None and _default.path == path else _attached.get(path)
+    if client is None or client.mapping is None:
+        client = _attached[path] = connect(path, autostart=False)
+    return SharedBuffer(client, address, size)
 
 
 class _DaemonPages(PageSource):
