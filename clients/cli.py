@@ -1,4 +1,4 @@
-"""The `shmheap` command: demo, bench, status, check."""
+"""The `shmheap` command: demo, bench, pool, status, check."""
 
 import argparse
 import sys
@@ -35,6 +35,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="show what shmheap does, with real processes")
     commands.add_parser("bench", help="benchmarks against the standard library", add_help=False)
+    commands.add_parser("pool", help="a worker pool sharing numpy buffers", add_help=False)
     commands.add_parser("status", help="processes and regions of the running daemon")
     commands.add_parser("check", help="ask the daemon to verify its invariants")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -44,6 +45,9 @@ def main(argv=None):
     if args.command == "bench":
         from . import bench
         return bench.main(rest)
+    if args.command == "pool":
+        from . import pool
+        return pool.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"status": _status, "check": _check}[args.command](args)
