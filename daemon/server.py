@@ -160,6 +160,8 @@ class Handlers:
                         for r in (table.regions[b] for b in table.bases)],
             "committed": table.committed,
             "resident": table.backing.resident_bytes(),
+            "global_objects": self.global_memory.heap.live,
+            "sections": len(self.sections.by_handle),
         }
 
     def check(self, session):
