@@ -54,6 +54,21 @@ def _hog(size, conn):
         conn.recv()
 
 
+def _global_peer(handle, conn):
+    """Another process: lock the parent's moveable global object by handle and answer in it."""
+    from shmheap import win32 as w
+
+    pointer = w.GlobalLock(handle)
+    seen = w.read(pointer, 11)
+    w.write(pointer, b"child wrote")
+    w.GlobalUnlock(handle)
+    mapping = w.OpenFileMapping(w.FILE_MAP_ALL_ACCESS, False, "demo-mapping")
+    view = w.MapViewOfFile(mapping, w.FILE_MAP_READ, 0, 0, 0)
+    conn.send((seen, w.read(view, 12)))
+    w.UnmapViewOfFile(view)
+    w.CloseHandle(mapping)
+
+
 def main(argv=None):
     spawn = multiprocessing.get_context("spawn")
     client = default_client()  # autostarts the embedded daemon if none listens
@@ -121,6 +136,31 @@ def main(argv=None):
         _say(f"   view of reserved pages -> {exc}")
     _expect(win32.read(base, 9) == b"greetings", "data intact after refused calls")
     win32.VirtualFree(base, 0, MEM_RELEASE)
+
+    _say("\n7. GlobalAlloc and a named file mapping: handles valid in every process")
+    handle = win32.GlobalAlloc(win32.GHND, 64)
+    win32.write(win32.GlobalLock(handle), b"parent said")
+    win32.GlobalUnlock(handle)
+    mapping = win32.CreateFileMapping(win32.INVALID_HANDLE_VALUE, None, PAGE_READWRITE, 0, MiB, "demo-mapping")
+    view = win32.MapViewOfFile(mapping, win32.FILE_MAP_ALL_ACCESS, 0, 0, 0)
+    win32.write(view, b"mapped bytes")
+    parent_end, child_end = spawn.Pipe()
+    peer = spawn.Process(target=_global_peer, args=(handle, child_end))
+    peer.start()
+    seen, mapped = parent_end.recv()
+    peer.join()
+    back = win32.read(win32.GlobalLock(handle), 11)
+    win32.GlobalUnlock(handle)
+    _say(f"   child locked handle {handle:#x}: read {seen!r}, wrote {back!r}; read the mapping: {mapped!r}")
+    _expect(seen == b"parent said" and back == b"child wrote" and mapped == b"mapped bytes", "global sharing")
+    win32.GlobalFree(handle)
+    win32.UnmapViewOfFile(view)
+    win32.CloseHandle(mapping)
+
+    _say("\n8. A worker pool sharing numpy buffers: handed over by handle, processed in place")
+    from . import pool
+
+    _expect(pool.run(2, 4, 1 << 18, "spawn", out=lambda line: _say("   " + line)) == 0, "pool results")
     client.check()
     _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
     return 0

@@ -1,0 +1,28 @@
+"""The `shmheap` tool as a newcomer runs it: the demo autostarts its own daemon."""
+
+import os
+import subprocess
+import sys
+
+from conftest import wait_until
+
+
+def test_demo_autostarts_a_daemon_and_every_step_holds(short_dir):
+    socket_path = os.path.join(short_dir, "demo", "d.sock")
+    env = dict(os.environ, SHMHEAP_SOCKET=socket_path, SHMHEAP_IDLE_EXIT="1")
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "demo"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in range(1, 9):
+        assert f"\n{step}. " in "\n" + proc.stdout
+    assert "Done: page table consistent" in proc.stdout
+    wait_until(lambda: not os.path.exists(socket_path), what="the demo's idle daemon to exit")
+
+
+def test_status_lists_processes_and_regions(daemon, client):
+    env = dict(os.environ, SHMHEAP_SOCKET=daemon.socket)
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"shmheapd pid {daemon.proc.pid}" in proc.stdout
+    assert str(client.pid) in proc.stdout
