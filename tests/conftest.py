@@ -5,7 +5,6 @@ asserts that the socket and segment are gone."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import pytest
 
 from shmheap import client as client_module
 from shmheap import segment
+from shmheapd.server import peer_is_listening
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
@@ -30,15 +30,24 @@ def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
         time.sleep(interval)
 
 
-def _accepts(path):
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def in_forked_child(body):
+    """Run `body()` in a forked child and return the small int it returns (1 if it raised):
+    for tests of what a forked process may and may not do with its parent's objects."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
     try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
+        return os.read(read_end, 1)[0]
     finally:
-        probe.close()
+        os.waitpid(pid, 0)
+        os.close(read_end)
 
 
 class Daemon:
@@ -56,7 +65,7 @@ class Daemon:
     def start(self, timeout=10.0):
         self.proc = subprocess.Popen([sys.executable, "-m", "shmheapd", *self.args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_until(lambda: _accepts(self.socket) or self.proc.poll() is not None, timeout,
+        wait_until(lambda: peer_is_listening(self.socket) or self.proc.poll() is not None, timeout,
                    what="the daemon to listen")
         if self.proc.poll() is not None:
             out, err = self.proc.communicate()

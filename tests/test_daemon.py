@@ -16,7 +16,7 @@ from shmheap.constants import MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapPermissionError, WinError
 from shmheap.protocol import PROTOCOL_VERSION
 
-from conftest import Daemon, wait_until
+from conftest import Daemon, in_forked_child, wait_until
 
 
 def raw_socket(daemon, hello=True):
@@ -156,24 +156,15 @@ def test_other_uid_is_refused(daemon, client):
     os.chmod(os.path.dirname(daemon.folder), 0o755)
     os.chmod(daemon.folder, 0o755)
     os.chmod(daemon.socket, 0o666)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def child():
+        os.setgid(65534)
+        os.setuid(65534)
         try:
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                connect(daemon.socket, autostart=False)
-            except ShmheapPermissionError as exc:
-                code = 0 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 2
-        finally:
-            os.write(write_end, bytes([code]))
-            os._exit(0)
-    os.close(write_end)
-    result = os.read(read_end, 1)
-    os.waitpid(pid, 0)
-    os.close(read_end)
-    assert result == b"\0", "a client of another uid was not refused with ERROR_ACCESS_DENIED"
+            connect(daemon.socket, autostart=False)
+        except ShmheapPermissionError as exc:
+            return 0 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 2
+        return 3
+
+    assert in_forked_child(child) == 0, "a client of another uid was not refused with ERROR_ACCESS_DENIED"
     assert "refused pid" in daemon.log_text()
     assert client.call("echo", 1) == 1

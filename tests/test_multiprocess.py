@@ -15,7 +15,7 @@ from shmheap import client as client_module
 from shmheap.constants import MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapMemoryError, WinError
 
-from conftest import wait_until
+from conftest import in_forked_child, wait_until
 
 MiB = 2**20
 HEAP = client_module.PROCESS_HEAP_INITIAL  # every client commits its process heap at connect
@@ -136,21 +136,11 @@ def test_commit_limits_across_processes(make_daemon):
 
 def test_fork_child_opens_its_own_connection(daemon, client):
     mine = alloc(client, 65536)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            address = alloc(client, 65536)  # reconnects under the child's pid
-            ok = client.pid == os.getpid() and address != mine
-            code = 0 if ok else 2
-        finally:
-            os.write(write_end, bytes([code]))
-            os._exit(0)
-    os.close(write_end)
-    assert os.read(read_end, 1) == b"\0"
-    os.waitpid(pid, 0)
-    os.close(read_end)
+    def child():
+        address = alloc(client, 65536)  # reconnects under the child's pid
+        return 0 if client.pid == os.getpid() and address != mine else 2
+
+    assert in_forked_child(child) == 0
     assert client.pid == os.getpid()
     wait_until(lambda: [r[0] for r in private_regions(client)] == [mine],
                what="the child's region to be reaped")
@@ -161,25 +151,16 @@ def test_fork_child_cannot_use_its_parents_heaps(daemon, client):
     heap = client.create_heap("parent's", initial=65536)
     block = heap.alloc(100)
     block.view()[:5] = b"mine!"
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def child():
         try:
-            try:
-                heap.alloc(10)
-                code = 2  # the parent's heap must be refused here
-            except shmheap.ShmheapValueError as exc:
-                if exc.winerror == WinError.ERROR_INVALID_HANDLE:
-                    child_block = client.heap.alloc(100)  # our own process heap works
-                    code = 0 if child_block.address != block.address else 3
-        finally:
-            os.write(write_end, bytes([code]))
-            os._exit(0)
-    os.close(write_end)
-    assert os.read(read_end, 1) == b"\0"
-    os.waitpid(pid, 0)
-    os.close(read_end)
+            heap.alloc(10)
+            return 2  # the parent's heap must be refused here
+        except shmheap.ShmheapValueError as exc:
+            if exc.winerror != WinError.ERROR_INVALID_HANDLE:
+                return 3
+        return 0 if client.heap.alloc(100).address != block.address else 4  # ours works
+
+    assert in_forked_child(child) == 0
     assert bytes(block.view()[:5]) == b"mine!"
     heap.destroy()
 
