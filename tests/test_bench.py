@@ -1,18 +1,31 @@
-"""`shmheap bench --quick` runs end to end (its own daemon, its own echo server) and reports a
-positive figure in every cell. No timing is asserted: the machine decides those."""
+"""`shmheap bench --quick` runs end to end (its own daemon, its own echo server, its spawn peers
+and pool worker) and reports a positive figure in every cell. No timing is asserted: the
+machine decides those."""
 
 import json
 import subprocess
 import sys
 
+ROW_KEYS = ["echo", "pipeline", "alloc64k", "heap64", "heap4k",
+            # issue 4: sharing between processes
+            "share4k", "pool_oneshot_pickle", "pool_oneshot_shm", "pool_steady_pickle",
+            "pool_steady_shm", "share_many",
+            "metadata"]
+
 
 def test_bench_quick_writes_positive_figures(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "shmheap_clients.bench", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["key"] for row in rows] == ["echo", "pipeline", "alloc64k", "heap64", "heap4k", "metadata"]
+    # The SharedMemory baselines attach in spawn children; nothing may leak or double-unregister
+    # (the resource tracker would print a warning or a KeyError traceback).
+    assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [row["key"] for row in rows] == ROW_KEYS
+    assert report["settings"]["pool_mib"] == 8  # quick mode's array size, printed in the table
+    assert "8 MiB to pool" in proc.stdout
     metadata = rows.pop()
     assert metadata["shmheap_bytes"] > 0 and metadata["baseline_bytes"] > 0
     for row in rows:
