@@ -20,7 +20,10 @@ from shmheap.moveable import GLOBAL, MoveableTable
 from .heaps import PageTablePages
 from .pagetable import SYSTEM
 
-GLOBAL_HEAP_INITIAL = 0  # the global heap starts at its minimum commit and grows as needed
+# The global heap's starting commit, which it keeps when empty: room for a 64 KiB run of
+# page-sized buffers and a few small ones, so sharing one buffer at a time does not commit and
+# decommit a run per buffer.
+GLOBAL_HEAP_INITIAL = 192 * 1024
 MAX_BATCH = 100_000
 
 
@@ -86,15 +89,10 @@ class GlobalMemory:
             if entry.locks or not entry.pointer:
                 continue
             size = heap.size(entry.pointer)
-            try:
-                new = heap.alloc(size)
-            except ShmheapError:
-                continue
-            if new < entry.pointer:
+            new = heap.alloc_below(size, entry.pointer)
+            if new is not None:
                 heap.memory[new:new + size] = heap.memory[entry.pointer:entry.pointer + size]
                 old = entry.pointer
                 table._set_pointer(handle, entry, new)
                 heap.free(old)
-            else:
-                heap.free(new)
         return heap.compact()

@@ -444,7 +444,10 @@ class PageTable:
         index = (page - region.base) // PAGE_SIZE
         _, stop, value = next(region.runs(index, region.pages))
         state = MEM_RESERVE if value == RESERVED else MEM_COMMIT
-        return (page, region.base, region.alloc_protect, (stop - index) * PAGE_SIZE, state, value, kind)
+        alloc_protect = region.alloc_protect
+        if region.viewers is not None and region.owner != owner and not region.viewers[owner]:
+            alloc_protect = value = PAGE_READONLY  # this process's views are FILE_MAP_READ
+        return (page, region.base, alloc_protect, (stop - index) * PAGE_SIZE, state, value, kind)
 
     def virtual_protect(self, owner, address, size, protect):
         """VirtualProtect: returns the old protection of the first page."""

@@ -546,6 +546,41 @@ class Heap:
         yield from self.medium.items()
         yield from self.large.items()
 
+    def alloc_below(self, size, limit):
+        """A block of `size` bytes at an address below `limit`, or None: the lowest free slot
+        of the size class's runs, or the lowest free range that fits. For compaction, which
+        is explicit and rare, so it may scan."""
+        extent = ((size + 15) & ~15) + self.tail or ALIGN
+        if extent <= SMALL_MAX:
+            cls = _CLASS_OF[extent >> 4]
+            runs = sorted((r for r in self.run_set if r.cls == cls and r.free and r.base < limit),
+                          key=lambda r: r.base)
+            if not runs:
+                return None
+            run = runs[0]
+            slot = min(run.free)
+            if run.base + slot * run.block >= limit:
+                return None
+            run.free.remove(slot)
+            run.sizes[slot] = size
+            run.live += 1
+            address = run.base + slot * run.block
+        elif size <= LARGE_THRESHOLD:
+            starts = sorted(s for s, e in self.free_start.items() if e - s >= extent and s < limit)
+            if not starts or starts[0] + extent > limit:
+                return None
+            address = starts[0]
+            end = self.free_start[address]
+            self._unlink(address, end)
+            self._add_free(address + extent, end)
+            self.medium[address] = size
+        else:
+            return None
+        self.live += 1
+        if self.tail:
+            self._fill(address + size, extent - size, TAIL_FILL)
+        return address
+
     def walk(self):
         """HeapWalk's entries in order: per segment a region entry, then its busy blocks and
         free ranges by address, then its uncommitted range; large blocks last (HW-01..HW-03).

@@ -242,8 +242,7 @@ class MoveableTable:
             return pointer, None  # GL-25, GL-31
         if flags & self.flavor.discardable:
             return 0, WinError.ERROR_INVALID_PARAMETER  # GL-29
-        size = size or self.flavor.zero_size_fixed
-        zero = bool(flags & GMEM_ZEROINIT)
+        zero = bool(flags & GMEM_ZEROINIT)  # (a realloc to 0 is 0 bytes: GL-28, GL-29)
         small = self.heap.is_small(pointer)
         try:
             if flags & GMEM_MOVEABLE and small:

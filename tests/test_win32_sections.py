@@ -373,9 +373,6 @@ def test_virtual_query_of_a_view_is_mapped(win32):
     assert win32.VirtualQuery(private).Type == MEM_PRIVATE  # for contrast
 
 
-@pytest.mark.xfail(strict=True, reason="VirtualQuery of a FILE_MAP_READ view reports the "
-                   "section's PAGE_READWRITE (Protect and AllocationProtect); Windows reports the "
-                   "view's PAGE_READONLY")
 def test_virtual_query_of_a_read_only_view_shows_read_only(win32):
     h = create(win32, unique_name())
     view = map_view(win32, h, FILE_MAP_READ)
