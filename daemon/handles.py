@@ -25,6 +25,10 @@ from .pagetable import SYSTEM
 # decommit a run per buffer.
 GLOBAL_HEAP_INITIAL = 192 * 1024
 MAX_BATCH = 100_000
+# A freed large object's region (up to this size) stays committed for the next one, for at
+# most LARGE_CACHE_SECONDS unused, or until a commit needs the memory (PageTable.reclaim).
+LARGE_CACHE_LIMIT = 256 * 2**20
+LARGE_CACHE_SECONDS = 2.0
 
 
 class GlobalMemory:
@@ -34,6 +38,9 @@ class GlobalMemory:
         base = source.reserve(reserve)
         source.commit(base, commit)
         self.heap = Heap(source, base, reserve, commit)
+        self.heap.large_cache_limit = LARGE_CACHE_LIMIT
+        pagetable.reclaim = self.heap.flush_large_cache
+        self.cached_since = None
         self.table = MoveableTable(self.heap, GLOBAL, stamped=True)
         self.owners = {}  # object (moveable handle or fixed pointer) -> pid; shared ones absent
 
@@ -72,6 +79,20 @@ class GlobalMemory:
         if value and flags & GMEM_MODIFY and flags & GMEM_DDESHARE:
             self.owners.pop(value, None)  # shared from now on
         return value, error
+
+    def housekeeping(self, now):
+        """Release the large-region cache once it has sat unused long enough. Returns the
+        seconds until it should be called again, or None when there is nothing to watch."""
+        if not self.heap.large_cache:
+            self.cached_since = None
+            return None
+        if self.cached_since is None:
+            self.cached_since = now
+        if now - self.cached_since >= LARGE_CACHE_SECONDS:
+            self.heap.flush_large_cache()
+            self.cached_since = None
+            return None
+        return self.cached_since + LARGE_CACHE_SECONDS - now
 
     def release_owner(self, pid):
         """Free every unshared object of a process that is gone; returns how many."""

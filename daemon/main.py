@@ -4,6 +4,7 @@ import argparse
 import fcntl
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -75,6 +76,11 @@ def main(argv=None):
     logging.basicConfig(filename=args.log_file, level=args.log_level,
                         format="%(asctime)s shmheapd[%(process)d] %(levelname)s %(message)s")
 
+    # A stop request can come as soon as the socket exists (or before): remember it until the
+    # server's own handlers take over, so the daemon always shuts down cleanly.
+    early_signals = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early_signals.append(signum))
     lock_fd = _take_lock(path)
     if lock_fd is None or peer_is_listening(path):
         print(f"shmheapd: a daemon is already running on {path}", file=sys.stderr)
@@ -105,7 +111,7 @@ def main(argv=None):
                             Sections(pagetable), sessions)
         server = Server(listener, handlers, sessions,
                         allowed_uids={os.getuid(), *args.allow_uid}, idle_exit=args.idle_exit)
-        server.serve_forever()
+        server.serve_forever(early_signals)
     finally:
         if listener is not None:
             listener.close()

@@ -161,6 +161,9 @@ class PageTable:
         self.committed = 0  # bytes, all owners
         self.committed_by_owner = {}
         self.regions_by_owner = {}
+        # Called when a commit would pass the limit: gives back memory kept only as a cache
+        # (the global heap's freed large regions); returns the bytes it freed.
+        self.reclaim = lambda: 0
 
     # ---- address-space primitives ---------------------------------------------------------
 
@@ -235,8 +238,10 @@ class PageTable:
         new_bytes = sum(stop - start for start, stop in fresh) * PAGE_SIZE
         if new_bytes:
             owner_total = self.committed_by_owner.get(region.owner, 0) + new_bytes
-            if self.committed + new_bytes > self.commit_limit or (
-                    region.owner != SYSTEM and owner_total > self.process_commit_limit):
+            if region.owner != SYSTEM and owner_total > self.process_commit_limit:
+                _fail(WinError.ERROR_COMMITMENT_LIMIT, "process commit limit reached")
+            if self.committed + new_bytes > self.commit_limit and not (
+                    self.reclaim() and self.committed + new_bytes <= self.commit_limit):
                 _fail(WinError.ERROR_COMMITMENT_LIMIT, "commit limit reached")
             done = []
             try:

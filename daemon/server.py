@@ -188,11 +188,14 @@ class Server:
         self.buffer = bytearray(RECV_SIZE)
         self.buffer_view = memoryview(self.buffer)
 
-    def serve_forever(self):
+    def serve_forever(self, early_signals=()):
+        """Serve until SIGTERM/SIGINT (or idle exit). `early_signals` lists any that arrived
+        before this loop took the handlers over."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.stopping = self.stopping or bool(early_signals)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
@@ -200,12 +203,14 @@ class Server:
         idle_since = time.monotonic()
         try:
             while not self.stopping:
-                timeout = None
+                now = time.monotonic()
+                timeout = self.handlers.global_memory.housekeeping(now)
                 if self.idle_exit and not self.live:
-                    timeout = idle_since + self.idle_exit - time.monotonic()
-                    if timeout <= 0:
+                    idle_left = idle_since + self.idle_exit - now
+                    if idle_left <= 0:
                         log.info("idle for %ss with no clients: exiting", self.idle_exit)
                         break
+                    timeout = idle_left if timeout is None else min(timeout, idle_left)
                 for key, mask in self.selector.select(timeout):
                     if type(key.data) is Session:
                         self._on_ready(key.data, mask)

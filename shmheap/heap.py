@@ -192,6 +192,11 @@ class Heap:
         self.partial = [[] for _ in CLASS_SIZES]  # runs with free slots, not current
         self.medium = {}  # address -> requested size
         self.large = {}  # address -> requested size (the region base is the address)
+        # Freed large regions kept committed for the next large block, up to this many bytes
+        # (0: none). The global heap sets it: a pool that allocates, fills and frees big
+        # arrays then reuses pages that are already backed and mapped.
+        self.large_cache_limit = 0
+        self.large_cache = {}  # region base -> committed bytes
         self.live = 0
         if self.checking:
             self._fill(base + HEAP_HEADER, committed - HEAP_HEADER, FREE_FILL)
@@ -396,6 +401,13 @@ class Heap:
         if not self.growable:
             _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "a fixed-size heap takes no block this large")
         reserve = _round_up(size, PAGE)
+        for base, kept in self.large_cache.items():
+            if reserve <= kept <= 2 * reserve:  # reuse, wasting at most half
+                del self.large_cache[base]
+                if kept > reserve:
+                    self.source.decommit(base + reserve, kept - reserve)
+                self.large[base] = size
+                return base
         base = self.source.reserve(reserve)
         try:
             self.source.commit(base, reserve)
@@ -454,8 +466,12 @@ class Heap:
             self._add_free(address, address + extent)
             self._trim(self._segment_of(address))
         elif address in self.large:
-            del self.large[address]
-            self.source.release(address)
+            kept = _large_pages(self.large.pop(address))
+            if kept <= self.large_cache_limit:
+                self.flush_large_cache()  # keep the latest only: bounded, and the likeliest reused
+                self.large_cache[address] = kept
+            else:
+                self.source.release(address)
         else:
             _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
@@ -524,8 +540,17 @@ class Heap:
 
     # ---- whole-heap operations -----------------------------------------------------------
 
+    def flush_large_cache(self):
+        """Release the freed large regions kept for reuse; returns the bytes they held."""
+        freed = sum(self.large_cache.values())
+        for base in self.large_cache:
+            self.source.release(base)
+        self.large_cache.clear()
+        return freed
+
     def destroy(self):
         """Give every segment and large block back; the heap is unusable afterwards."""
+        self.flush_large_cache()
         for address in list(self.large):
             self.source.release(address)
         for segment in self.segments:
@@ -649,7 +674,7 @@ class Heap:
     @property
     def committed(self):
         return sum(segment.committed_end - segment.base for segment in self.segments) + sum(
-            _large_pages(size) for size in self.large.values())
+            _large_pages(size) for size in self.large.values()) + sum(self.large_cache.values())
 
     @property
     def reserved(self):

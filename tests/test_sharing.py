@@ -118,3 +118,24 @@ def test_pool_cli_runs_as_a_program(daemon):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 checked, 0 wrong" in proc.stdout
+
+
+def test_a_freed_large_buffer_is_reused_then_given_back(daemon, client):
+    baseline = daemon.resident_bytes()
+    first = client.share(8 << 20)
+    first.free()
+    assert daemon.resident_bytes() - baseline >= 8 << 20  # kept for the next large buffer
+    again = client.share(8 << 20)
+    assert again.address == first.address  # the same pages, already backed
+    again.free()
+    wait_until(lambda: daemon.resident_bytes() == baseline, what="the kept pages to be given back")
+    client.check()
+
+
+def test_kept_pages_give_way_to_a_commit_that_needs_them(make_daemon):
+    daemon = make_daemon("--commit-limit", "24M")
+    with shmheap.connect(daemon.socket, autostart=False) as c:
+        c.share(16 << 20).free()  # 16 MiB kept committed for reuse
+        address = c.call("virtual_alloc", 0, 16 << 20, 0x3000, 0x04)  # needs them back
+        assert c.call("virtual_query", address)[4] == 0x1000
+        c.check()
