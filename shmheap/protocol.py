@@ -20,8 +20,10 @@ Handshake (the first request of every connection; anything else first is refused
     daemon -> client   [msgid, 0, {"version", "segment", "size", "page_size", "granularity",
                                    "pid" (the caller as SO_PEERCRED sees it), "daemon_pid",
                                    "generation", "commit_limit", "process_commit_limit"}]
-    on a version mismatch the reply is ERROR_NOT_SUPPORTED and the connection is closed;
-    a peer of another uid gets [0, ERROR_ACCESS_DENIED, None] and is closed before any request.
+    on a version mismatch the reply is ERROR_NOT_SUPPORTED and the connection stays unserved
+    (every other request gets ERROR_ACCESS_DENIED) until a hello it can accept; a peer of
+    another uid gets [0, ERROR_ACCESS_DENIED, reason] and is closed before any request.
+    The client sends "heap_create" for its process heap in the same write as "hello".
 """
 
 import msgpack
