@@ -22,7 +22,7 @@ from shmheap.constants import (FILE_MAP_ALL_ACCESS, FILE_MAP_COPY, FILE_MAP_EXEC
                                PAGE_READONLY, PAGE_READWRITE)
 from shmheap.errors import ShmheapError, WinError
 
-from .pagetable import PAGE_SIZE, SYSTEM, GRANULE
+from .pagetable import GRANULE, SYSTEM
 
 _PROTECTIONS = {PAGE_READONLY, PAGE_READWRITE, PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE}
 MAX_NAME = 260

@@ -149,3 +149,21 @@ def win32(daemon, monkeypatch):
     # Everything the facade did must leave the daemon consistent.
     client_module.default_client().check()
     client_module.close_default()
+
+
+@pytest.fixture
+def peers(daemon):
+    """Factory: peers() starts another real process that runs Win32 calls on request, bound
+    to this test's daemon (see win32_checks.Peer)."""
+    from win32_checks import Peer
+
+    made = []
+
+    def make():
+        peer = Peer(daemon.socket)
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()

@@ -16,7 +16,7 @@ from shmheap.constants import MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapPermissionError, WinError
 from shmheap.protocol import PROTOCOL_VERSION
 
-from conftest import Daemon, in_forked_child, wait_until
+from conftest import Daemon, in_forked_child
 
 
 def raw_socket(daemon, hello=True):

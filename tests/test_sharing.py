@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 
-import numpy
 import pytest
 
 import shmheap

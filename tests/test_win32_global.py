@@ -23,10 +23,6 @@ Multi-process tests run real processes (multiprocessing, spawn) that serve Win32
 pipe (`Peer`), so each step's result and last error can be checked from the test.
 """
 
-import dataclasses
-import multiprocessing
-import os
-import signal
 
 import pytest
 
@@ -37,9 +33,10 @@ from shmheap.constants import (
 )
 from shmheap.errors import WinError
 
+from win32_checks import SENTINEL, call, expect, ok, pattern
+
 from conftest import wait_until
 
-SENTINEL = 0xDEADBEEF
 GARBAGE = 0xDEADBEE0  # pointer-shaped, never memory of ours (GL-20)
 MiB = 2**20
 MAX_HANDLES = 0x10000
@@ -54,38 +51,8 @@ ERROR_DISCARDED = WinError.ERROR_DISCARDED
 ERROR_NOT_LOCKED = WinError.ERROR_NOT_LOCKED
 ERROR_NOACCESS = WinError.ERROR_NOACCESS
 
-spawn = multiprocessing.get_context("spawn")
-
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _show(args):
-    return tuple(hex(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
-
-
-def call(w, fn, *args):
-    """(result, GetLastError()) of fn(*args), with the sentinel stored before the call."""
-    w.SetLastError(SENTINEL)
-    result = fn(*args)
-    return result, w.GetLastError()
-
-
-def ok(w, fn, *args):
-    """Call fn(*args); assert a non-zero result with the last error untouched."""
-    result, error = call(w, fn, *args)
-    assert result, f"{fn.__name__}{_show(args)} failed with error {error}"
-    assert error == SENTINEL, f"{fn.__name__}{_show(args)} succeeded but set the last error to {error}"
-    return result
-
-
-def expect(w, fn, *args, result, error=SENTINEL):
-    """Call fn(*args); assert its exact result (and type) and the last error afterwards
-    (SENTINEL: untouched)."""
-    got, got_error = call(w, fn, *args)
-    assert type(got) is type(result) and got == result, (
-        f"{fn.__name__}{_show(args)} returned {got!r}, expected {result!r}")
-    assert got_error == error, (
-        f"{fn.__name__}{_show(args)}: GetLastError() = {got_error}, expected {int(error)}")
 
 
 def expect_size(w, h):
@@ -111,11 +78,6 @@ def slot(w, h):
     return int.from_bytes(w.read(h & ADDRESS_MASK, 8), "little")
 
 
-def pattern(size, seed=1):
-    unit = bytes((i * 7 + seed) & 0xFF for i in range(251))
-    return (unit * (size // 251 + 1))[:size]
-
-
 def dirty(w, size, count=2, byte=0xCC):
     """Leave freed, dirty blocks of `size` in the global heap so zero-fill checks mean something."""
     blocks = [ok(w, w.GlobalAlloc, GMEM_FIXED, size) for _ in range(count)]
@@ -134,108 +96,6 @@ def moveable_with(w, data, flags=GMEM_MOVEABLE):
 
 
 # ---- another real process serving Win32 calls ----------------------------------------------------
-
-def _serve(socket_path, conn):
-    """In a spawned process: run win32 calls sent over the pipe and answer each with
-    ("ok", result, GetLastError()) (the sentinel is stored before every call) or
-    ("raised", exception class name, winerror)."""
-    os.environ["SHMHEAP_SOCKET"] = socket_path
-    from shmheap import win32
-
-    win32.GetSystemInfo()  # connect now, so the process heap exists before the test goes on
-    conn.send(("ready", os.getpid()))
-    while True:
-        request = conn.recv()
-        if request is None:
-            break
-        name, args = request
-        try:
-            win32.SetLastError(SENTINEL)
-            result = getattr(win32, name)(*args)
-            error = win32.GetLastError()
-            if dataclasses.is_dataclass(result):
-                result = dataclasses.asdict(result)
-            elif isinstance(result, memoryview):
-                result = (bytes(result), result.readonly)
-            conn.send(("ok", result, error))
-        except Exception as exc:  # reported to the test, which decides
-            conn.send(("raised", type(exc).__name__, int(getattr(exc, "winerror", 0) or 0)))
-
-
-class Peer:
-    """A real process (spawn) connected to the test's daemon through SHMHEAP_SOCKET."""
-
-    def __init__(self, socket_path):
-        self.conn, child_end = spawn.Pipe()
-        self.proc = spawn.Process(target=_serve, args=(socket_path, child_end), daemon=True)
-        self.proc.start()
-        child_end.close()
-        tag, self.pid = self._reply()
-        assert tag == "ready" and self.pid == self.proc.pid
-
-    def _reply(self, timeout=60):
-        if not self.conn.poll(timeout):
-            raise AssertionError(f"peer {self.proc.pid} did not answer within {timeout}s")
-        return self.conn.recv()
-
-    def call(self, name, *args):
-        """(result, GetLastError()) of win32.<name>(*args) in the peer."""
-        self.conn.send((name, args))
-        reply = self._reply()
-        assert reply[0] == "ok", f"peer: {name}{_show(args)} raised {reply[1]} (winerror {reply[2]})"
-        return reply[1], reply[2]
-
-    def ok(self, name, *args):
-        result, error = self.call(name, *args)
-        assert result, f"peer: {name}{_show(args)} failed with error {error}"
-        assert error == SENTINEL, f"peer: {name}{_show(args)} set the last error to {error}"
-        return result
-
-    def expect(self, name, *args, result, error=SENTINEL):
-        got, got_error = self.call(name, *args)
-        assert type(got) is type(result) and got == result, (
-            f"peer: {name}{_show(args)} returned {got!r}, expected {result!r}")
-        assert got_error == error, (
-            f"peer: {name}{_show(args)}: GetLastError() = {got_error}, expected {int(error)}")
-
-    def raises(self, name, *args):
-        """(exception class name, winerror) of a call that must raise in the peer."""
-        self.conn.send((name, args))
-        reply = self._reply()
-        assert reply[0] == "raised", f"peer: {name}{_show(args)} did not raise: {reply!r}"
-        return reply[1], reply[2]
-
-    def kill(self):
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(10)
-        assert self.proc.exitcode == -signal.SIGKILL
-
-    def close(self):
-        if self.proc.is_alive():
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
-        self.conn.close()
-
-
-@pytest.fixture
-def peers(daemon):
-    """Factory: peers() starts another process bound to this test's daemon."""
-    made = []
-
-    def make():
-        peer = Peer(daemon.socket)
-        made.append(peer)
-        return peer
-
-    yield make
-    for peer in made:
-        peer.close()
 
 
 # ---- 7. GlobalAlloc family: single-process conformance -----------------------------------------

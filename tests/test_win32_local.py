@@ -20,7 +20,8 @@ from shmheap.constants import (
 )
 from shmheap.errors import WinError
 
-SENTINEL = 0xDEADBEEF
+from win32_checks import SENTINEL, call, expect, ok, pattern
+
 MiB = 2**20
 MAX_HANDLES = 0x10000
 
@@ -34,34 +35,6 @@ ERROR_NOACCESS = WinError.ERROR_NOACCESS
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _show(args):
-    return tuple(hex(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
-
-
-def call(w, fn, *args):
-    """(result, GetLastError()) of fn(*args), with the sentinel stored before the call."""
-    w.SetLastError(SENTINEL)
-    result = fn(*args)
-    return result, w.GetLastError()
-
-
-def ok(w, fn, *args):
-    """Call fn(*args); assert a non-zero result with the last error untouched."""
-    result, error = call(w, fn, *args)
-    assert result, f"{fn.__name__}{_show(args)} failed with error {error}"
-    assert error == SENTINEL, f"{fn.__name__}{_show(args)} succeeded but set the last error to {error}"
-    return result
-
-
-def expect(w, fn, *args, result, error=SENTINEL):
-    """Call fn(*args); assert its exact result (and type) and the last error afterwards
-    (SENTINEL: untouched)."""
-    got, got_error = call(w, fn, *args)
-    assert type(got) is type(result) and got == result, (
-        f"{fn.__name__}{_show(args)} returned {got!r}, expected {result!r}")
-    assert got_error == error, (
-        f"{fn.__name__}{_show(args)}: GetLastError() = {got_error}, expected {int(error)}")
 
 
 def expect_size(w, h):
@@ -84,11 +57,6 @@ def expect_flags(w, h):
     flags, error = call(w, w.LocalFlags, h)
     assert error == SENTINEL and flags != LMEM_INVALID_HANDLE, f"LocalFlags({h:#x}) failed: {error}"
     return flags
-
-
-def pattern(size, seed=1):
-    unit = bytes((i * 7 + seed) & 0xFF for i in range(251))
-    return (unit * (size // 251 + 1))[:size]
 
 
 def dirty(w, size, count=2, byte=0xCC):
