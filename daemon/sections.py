@@ -166,6 +166,6 @@ class Sections:
 
     def list(self):
         return [{"handle": s.handle, "name": s.name, "address": s.region.base, "size": s.size,
-                 "protect": s.protect, "handles": dict(s.handles),
-                 "views": {pid: len(v) for pid, v in s.views.items()}}
-                for s in self.by_handle.values()]
+                 "protect": s.protect, "handles": sorted(s.handles.items()),
+                 "views": sorted((pid, len(v)) for pid, v in s.views.items())}
+                for s in self.by_handle.values()]  # pairs, not maps: wire map keys are strings

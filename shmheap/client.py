@@ -18,6 +18,8 @@ import threading
 import time
 import weakref
 
+import msgpack
+
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
 from .constants import GMEM_DDESHARE, GMEM_ZEROINIT
@@ -198,8 +200,12 @@ class Client:
                 if not received:
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE,
                                         f"the daemon closed the connection{f' ({send_error})' if send_error else ''}")
-                self._unpacker.feed(self._buffer_view[:received])
-                for frame in self._unpacker:
+                try:
+                    self._unpacker.feed(self._buffer_view[:received])
+                    frames = list(self._unpacker)
+                except (ValueError, msgpack.UnpackException) as exc:
+                    raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"malformed reply: {exc}") from None
+                for frame in frames:
                     msgid, error, result = parse_reply(frame)
                     if msgid == 0 and error:  # refused before any request (foreign uid)
                         raise_for(error, result)
