@@ -12,7 +12,9 @@ objects have handle == pointer (0 mod 16). Failure returns 0 / FALSE (GlobalFree
 back; GlobalFlags: GMEM_INVALID_HANDLE) and sets GetLastError(); success leaves the last error
 alone unless the row says otherwise (checked with a 0xDEADBEEF sentinel).
 
-Rows that do not apply here: GL-12, GL-14, GL-19, GL-21, GL-31 (Local only). Parts of rows
+Only the rows, or parts of rows, that are about GlobalAlloc alone are here, with the
+cross-process tests; the rows common to GlobalAlloc and LocalAlloc run against both in
+test_win32_moveable.py. Rows that do not apply here: GL-12, GL-14, GL-19, GL-21, GL-31 (Local only). Parts of rows
 that rest on Global and Local sharing the process heap and one handle table, which the design
 deliberately departs from (GlobalAlloc uses the daemon's global heap, LocalAlloc the process
 heap): GL-02's "one more LocalAlloc fails", GL-03's HeapValidate(GetProcessHeap()), GL-04's
@@ -27,12 +29,13 @@ pipe (`Peer`), so each step's result and last error can be checked from the test
 import pytest
 
 from shmheap.constants import (
-    GHND, GMEM_DDESHARE, GMEM_DISCARDABLE, GMEM_DISCARDED, GMEM_FIXED, GMEM_INVALID_HANDLE,
-    GMEM_LOCKCOUNT, GMEM_LOWER, GMEM_MODIFY, GMEM_MOVEABLE, GMEM_NOCOMPACT, GMEM_NODISCARD,
-    GMEM_NOT_BANKED, GMEM_NOTIFY, GMEM_SHARE, GMEM_ZEROINIT, GPTR,
+    GMEM_DDESHARE, GMEM_DISCARDABLE, GMEM_DISCARDED, GMEM_FIXED, GMEM_INVALID_HANDLE, GMEM_LOWER,
+    GMEM_MODIFY, GMEM_MOVEABLE, GMEM_NOCOMPACT, GMEM_NODISCARD, GMEM_NOT_BANKED, GMEM_NOTIFY,
+    GMEM_SHARE, GMEM_ZEROINIT, GPTR,
 )
 from shmheap.errors import WinError
 
+from moveable_checks import GLOBAL, STAMP_SHIFT
 from win32_checks import SENTINEL, call, expect, ok, pattern
 
 from conftest import wait_until
@@ -40,13 +43,10 @@ from conftest import wait_until
 GARBAGE = 0xDEADBEE0  # pointer-shaped, never memory of ours (GL-20)
 MiB = 2**20
 MAX_HANDLES = 0x10000
-STAMP_SHIFT = 40
-ADDRESS_MASK = (1 << STAMP_SHIFT) - 1
+ADDRESS_MASK = GLOBAL.address_mask
 
 ERROR_SUCCESS = WinError.ERROR_SUCCESS
 ERROR_INVALID_HANDLE = WinError.ERROR_INVALID_HANDLE
-ERROR_NOT_ENOUGH_MEMORY = WinError.ERROR_NOT_ENOUGH_MEMORY
-ERROR_INVALID_PARAMETER = WinError.ERROR_INVALID_PARAMETER
 ERROR_DISCARDED = WinError.ERROR_DISCARDED
 ERROR_NOT_LOCKED = WinError.ERROR_NOT_LOCKED
 ERROR_NOACCESS = WinError.ERROR_NOACCESS
@@ -55,36 +55,8 @@ ERROR_NOACCESS = WinError.ERROR_NOACCESS
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def expect_size(w, h):
-    """GlobalSize that succeeds (0 is a valid size): the last error must stay untouched."""
-    size, error = call(w, w.GlobalSize, h)
-    assert error == SENTINEL, f"GlobalSize({h:#x}) set the last error to {error}"
-    return size
-
-
-def expect_flags(w, h):
-    flags, error = call(w, w.GlobalFlags, h)
-    assert error == SENTINEL and flags != GMEM_INVALID_HANDLE, f"GlobalFlags({h:#x}) failed: {error}"
-    return flags
-
-
-def lock_count(w, h):
-    return expect_flags(w, h) & GMEM_LOCKCOUNT
-
-
-def slot(w, h):
-    """The data pointer stored in a moveable handle's pointer slot (GL-04); the slot is the
-    handle without its generation stamp."""
-    return int.from_bytes(w.read(h & ADDRESS_MASK, 8), "little")
-
-
-def dirty(w, size, count=2, byte=0xCC):
-    """Leave freed, dirty blocks of `size` in the global heap so zero-fill checks mean something."""
-    blocks = [ok(w, w.GlobalAlloc, GMEM_FIXED, size) for _ in range(count)]
-    for p in blocks:
-        w.write(p, bytes([byte]) * size)
-    for p in blocks:
-        expect(w, w.GlobalFree, p, result=0)
+expect_size, expect_flags = GLOBAL.expect_size, GLOBAL.expect_flags
+lock_count, slot = GLOBAL.lock_count, GLOBAL.slot  # the slot is the handle without its stamp
 
 
 def moveable_with(w, data, flags=GMEM_MOVEABLE):
@@ -95,31 +67,7 @@ def moveable_with(w, data, flags=GMEM_MOVEABLE):
     return h
 
 
-# ---- another real process serving Win32 calls ----------------------------------------------------
-
-
 # ---- 7. GlobalAlloc family: single-process conformance -----------------------------------------
-
-def test_gl01_free_and_realloc_of_null(win32):
-    expect(win32, win32.GlobalFree, 0, result=0)  # success, last error untouched
-    result, _ = call(win32, win32.GlobalReAlloc, 0, 10, GMEM_MOVEABLE)
-    assert result == 0
-
-
-def test_gl02_65536_moveable_handles_then_not_enough_memory(win32):
-    handles = [win32.GlobalAlloc(GMEM_MOVEABLE | GMEM_DISCARDABLE, 0) for _ in range(MAX_HANDLES)]
-    assert all(handles), f"allocation {handles.index(0)} failed: {win32.GetLastError()}"
-    assert len(set(handles)) == MAX_HANDLES
-    assert all(h % 16 == 8 for h in handles)
-    expect(win32, win32.GlobalAlloc, GMEM_MOVEABLE | GMEM_DISCARDABLE, 0, result=0,
-           error=ERROR_NOT_ENOUGH_MEMORY)
-    expect(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 16, result=0, error=ERROR_NOT_ENOUGH_MEMORY)
-    p = ok(win32, win32.GlobalAlloc, GMEM_DISCARDABLE, 0)  # fixed still works
-    assert p % 16 == 0
-    expect(win32, win32.GlobalFree, p, result=0)
-    expect(win32, win32.GlobalFree, handles[-1], result=0)
-    assert ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 16) % 16 == 8  # a freed slot serves again
-
 
 @pytest.mark.parametrize("size", [1, 32, 1024, 32768, MiB, 32 * MiB])
 def test_gl03_fixed_object_is_its_data_pointer(win32, size):
@@ -145,51 +93,6 @@ def test_gl04_moveable_handle_is_stamped_pointer_slot(win32, size):
     expect(win32, win32.GlobalFree, h, result=0)
 
 
-@pytest.mark.parametrize("size", [1, 32, 1024, 32768, MiB])
-def test_gl05_lock_returns_the_data_pointer(win32, size):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, size)
-    p = ok(win32, win32.GlobalLock, h)
-    assert p == slot(win32, h) and p % 16 == 0 and p != h
-    win32.write(p + size - 1, b"z")
-    assert win32.read(p + size - 1, 1) == b"z"
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
-
-
-def test_gl06_lock_unlock_flags_sequence(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 256)
-    p = ok(win32, win32.GlobalLock, h)
-    assert expect_flags(win32, h) == 1
-    assert ok(win32, win32.GlobalLock, h) == p
-    assert expect_flags(win32, h) == 2
-    assert ok(win32, win32.GlobalUnlock, h) is True
-    assert expect_flags(win32, h) == 1
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
-    assert expect_flags(win32, h) == 0
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_NOT_LOCKED)
-    assert ok(win32, win32.GlobalHandle, p) == h
-
-
-def test_gl07_lock_count_saturates_at_255(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 64)
-    p = slot(win32, h)
-    for i in range(256):
-        assert ok(win32, win32.GlobalLock, h) == p, f"lock {i + 1}"
-    assert lock_count(win32, h) == 0xFF
-    for i in range(254):
-        assert ok(win32, win32.GlobalUnlock, h) is True, f"unlock {i + 1}"
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
-    assert lock_count(win32, h) == 0
-
-
-def test_gl08_zero_size_moveable_is_discarded(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 0)
-    assert h % 16 == 8
-    assert expect_size(win32, h) == 0
-    assert slot(win32, h) == 0
-    assert expect_flags(win32, h) == GMEM_DISCARDED == 0x4000
-    expect(win32, win32.GlobalFree, h, result=0)
-
-
 @pytest.mark.parametrize("flags,size,expected", [
     (GMEM_MOVEABLE | GMEM_DISCARDABLE, 0, 0x4100),
     (GMEM_MOVEABLE | GMEM_DISCARDABLE, 1, 0x0100),
@@ -199,13 +102,6 @@ def test_gl09_flags_of_discardable_and_shared(win32, flags, size, expected):
     h = ok(win32, win32.GlobalAlloc, flags, size)
     assert expect_flags(win32, h) == expected
     expect(win32, win32.GlobalFree, h, result=0)
-
-
-@pytest.mark.parametrize("flags", [GMEM_MOVEABLE | GMEM_ZEROINIT, GHND])
-def test_gl10_lock_of_zero_size_moveable_is_discarded_error(win32, flags):
-    h = ok(win32, win32.GlobalAlloc, flags, 0)
-    expect(win32, win32.GlobalLock, h, result=0, error=ERROR_DISCARDED)
-    assert lock_count(win32, h) == 0
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -232,28 +128,6 @@ def test_gl13_unlock_of_fixed_object_is_true(win32, flags):
     expect(win32, win32.GlobalUnlock, p, result=True)
     assert expect_flags(win32, p) == 0
     assert expect_size(win32, p) >= 100
-
-
-def test_gl15_zero_size_fixed_object_has_size_1(win32):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 0)
-    assert p % 16 == 0
-    assert expect_size(win32, p) == 1
-    q = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 0)
-    assert q != p
-    expect(win32, win32.GlobalFree, p, result=0)
-    expect(win32, win32.GlobalFree, q, result=0)
-
-
-@pytest.mark.parametrize("flags", [GMEM_FIXED, GMEM_ZEROINIT, GPTR])
-def test_gl16_fixed_objects_and_zeroinit(win32, flags):
-    dirty(win32, 100000)
-    p = ok(win32, win32.GlobalAlloc, flags, 100000)
-    assert expect_size(win32, p) >= 100000
-    if flags & GMEM_ZEROINIT:
-        assert win32.read(p, 100000) == bytes(100000)
-    assert ok(win32, win32.GlobalLock, p) == p
-    assert ok(win32, win32.GlobalHandle, p) == p
-    expect(win32, win32.GlobalFree, p, result=0)
 
 
 def test_gl17_double_free_of_moveable(win32):
@@ -334,104 +208,6 @@ def test_gl22_double_free_of_fixed_and_odd_values(win32):
     assert result == 0
 
 
-def test_gl23_size_accepts_the_data_pointer(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 0x123)
-    p = ok(win32, win32.GlobalLock, h)
-    assert expect_size(win32, h) == 0x123
-    assert expect_size(win32, p) == 0x123
-
-
-def test_gl24_realloc_zero_size_moveable_back_and_forth(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 0)
-    assert ok(win32, win32.GlobalReAlloc, h, 10, GMEM_MOVEABLE) == h
-    assert 10 <= expect_size(win32, h) <= 16
-    assert slot(win32, h) != 0
-    assert ok(win32, win32.GlobalReAlloc, h, 0, GMEM_MOVEABLE) == h
-    assert expect_size(win32, h) == 0 and slot(win32, h) == 0
-    assert ok(win32, win32.GlobalReAlloc, h, 10, GMEM_MOVEABLE) == h
-    assert 10 <= expect_size(win32, h) <= 16
-    expect(win32, win32.GlobalFree, h, result=0)
-    size, _ = call(win32, win32.GlobalSize, h)
-    assert size == 0
-
-
-def test_gl25_modify_on_fixed_object_returns_it_unchanged(win32):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 12)
-    win32.write(p, b"twelve bytes")
-    assert ok(win32, win32.GlobalReAlloc, p, 11, GMEM_MODIFY) == p
-    assert ok(win32, win32.GlobalReAlloc, p, MiB, GMEM_MODIFY) == p
-    assert expect_size(win32, p) == 12
-    assert win32.read(p, 12) == b"twelve bytes"
-    assert expect_flags(win32, p) == 0
-
-
-def test_gl26_realloc_small_fixed_without_moveable_fails(win32):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 12)
-    expect(win32, win32.GlobalReAlloc, p, 12, 0, result=0, error=ERROR_NOT_ENOUGH_MEMORY)
-    assert expect_size(win32, p) == 12
-
-
-@pytest.mark.parametrize("flags", [0, GMEM_MOVEABLE | GMEM_DISCARDABLE])
-@pytest.mark.parametrize("size", [512, 10, 0])
-def test_gl27_small_fixed_object_resizes_only_with_moveable(win32, size, flags):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 12)
-    win32.write(p, b"twelve bytes")
-    result, error = call(win32, win32.GlobalReAlloc, p, size, flags)
-    assert result == 0
-    assert error != SENTINEL, "the failure set no last error"
-    assert expect_size(win32, p) == 12 and win32.read(p, 12) == b"twelve bytes"
-
-
-def _gl28(win32, size):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 12)
-    win32.write(p, b"twelve bytes")
-    q = ok(win32, win32.GlobalReAlloc, p, size, GMEM_MOVEABLE)
-    assert q != p and q % 16 == 0
-    assert ok(win32, win32.GlobalLock, q) == q  # still fixed
-    assert expect_flags(win32, q) == 0
-    assert expect_size(win32, q) == size
-    assert win32.read(q, min(size, 12)) == b"twelve bytes"[:size]
-    expect(win32, win32.GlobalFree, q, result=0)
-
-
-@pytest.mark.parametrize("size", [13, 512, 10])
-def test_gl28_small_fixed_object_relocates_with_moveable(win32, size):
-    _gl28(win32, size)
-
-
-def test_gl28_small_fixed_object_relocates_to_size_0(win32):
-    _gl28(win32, 0)
-
-
-def _gl29(win32, flags, sizes):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 0x20000)
-    data = pattern(0x20000)
-    win32.write(p, data)
-    for size in sizes:
-        assert ok(win32, win32.GlobalReAlloc, p, size, flags) == p, f"size {size:#x}"
-        assert expect_size(win32, p) == size
-        assert win32.read(p, min(size, 0x20000)) == data[:size]
-
-
-@pytest.mark.parametrize("flags", [0, GMEM_MOVEABLE])
-def test_gl29_big_fixed_object_resizes_in_place(win32, flags):
-    _gl29(win32, flags, [0x20200, 10])
-
-
-@pytest.mark.parametrize("flags", [0, GMEM_MOVEABLE])
-def test_gl29_big_fixed_object_resizes_in_place_to_0(win32, flags):
-    _gl29(win32, flags, [0x20200, 10, 0])
-
-
-@pytest.mark.parametrize("flags", [GMEM_DISCARDABLE, GMEM_MOVEABLE | GMEM_DISCARDABLE])
-def test_gl29_discardable_without_modify_fails(win32, flags):
-    p = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 0x20000)
-    for size in (0x20200, 10, 0):
-        result, error = call(win32, win32.GlobalReAlloc, p, size, flags)
-        assert result == 0 and error != SENTINEL
-        assert expect_size(win32, p) == 0x20000
-
-
 @pytest.mark.parametrize("size", [12, 100000])
 @pytest.mark.parametrize("discardable", [False, True])
 def test_gl30_modify_moveable_converts_fixed_to_moveable(win32, size, discardable):
@@ -450,147 +226,6 @@ def test_gl30_modify_moveable_converts_fixed_to_moveable(win32, size, discardabl
     expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
     expect(win32, win32.GlobalFree, h, result=0)
     expect(win32, win32.GlobalFlags, h, result=GMEM_INVALID_HANDLE, error=ERROR_INVALID_HANDLE)
-
-
-def test_gl32_locked_object_moves_with_moveable(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 12)
-    p = ok(win32, win32.GlobalLock, h)
-    win32.write(p, b"twelve bytes")
-    assert ok(win32, win32.GlobalReAlloc, h, 512, GMEM_MOVEABLE) == h
-    q = slot(win32, h)
-    assert q != p and q != 0
-    assert lock_count(win32, h) == 1
-    assert expect_size(win32, h) == 512
-    assert win32.read(q, 12) == b"twelve bytes"
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
-
-
-def test_gl33_locked_object_without_moveable(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 12)
-    p = ok(win32, win32.GlobalLock, h)
-    win32.write(p, b"twelve bytes")
-    result, error = call(win32, win32.GlobalReAlloc, h, 512, 0)
-    assert result == 0 and error != SENTINEL
-    assert slot(win32, h) == p and expect_size(win32, h) == 12
-    assert ok(win32, win32.GlobalReAlloc, h, 10, 0) == h
-    assert slot(win32, h) == p and expect_size(win32, h) == 10
-    assert ok(win32, win32.GlobalReAlloc, h, 10, GMEM_MOVEABLE) == h
-    assert slot(win32, h) == p and expect_size(win32, h) == 10
-    for flags in (0, GMEM_MOVEABLE):
-        result, error = call(win32, win32.GlobalReAlloc, h, 0, flags)
-        assert result == 0 and error != SENTINEL  # a locked object cannot be discarded
-        assert slot(win32, h) == p and expect_size(win32, h) == 10
-    assert lock_count(win32, h) == 1
-    assert win32.read(p, 10) == b"twelve byt"
-
-
-@pytest.mark.parametrize("locked", [False, True])
-def test_gl33_discardable_without_modify_fails_on_moveable(win32, locked):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 12)
-    if locked:
-        ok(win32, win32.GlobalLock, h)
-    for flags in (GMEM_DISCARDABLE, GMEM_MOVEABLE | GMEM_DISCARDABLE):
-        expect(win32, win32.GlobalReAlloc, h, 20, flags, result=0, error=ERROR_INVALID_PARAMETER)
-    assert expect_size(win32, h) == 12
-    assert expect_flags(win32, h) & GMEM_DISCARDABLE == 0
-
-
-def test_gl34_modify_on_moveable_changes_flags_only(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 12)
-    p = ok(win32, win32.GlobalLock, h)
-    win32.write(p, b"twelve bytes")
-    for size in (0, 11, 512, MiB):
-        assert ok(win32, win32.GlobalReAlloc, h, size, GMEM_MODIFY) == h
-        assert ok(win32, win32.GlobalReAlloc, h, size, GMEM_MODIFY | GMEM_MOVEABLE) == h
-    assert slot(win32, h) == p and expect_size(win32, h) == 12
-    assert expect_flags(win32, h) == 1
-    assert ok(win32, win32.GlobalReAlloc, h, 99, GMEM_MODIFY | GMEM_DISCARDABLE) == h
-    assert expect_flags(win32, h) == GMEM_DISCARDABLE | 1
-    assert slot(win32, h) == p and expect_size(win32, h) == 12
-    assert win32.read(p, 12) == b"twelve bytes"
-
-
-@pytest.mark.parametrize("flags", [0, GMEM_MOVEABLE])
-def test_gl35_unlocked_moveable_object_may_move(win32, flags):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 12)
-    p = slot(win32, h)
-    win32.write(p, b"twelve bytes")
-    assert ok(win32, win32.GlobalReAlloc, h, 512, flags) == h
-    q = slot(win32, h)
-    assert q != p and expect_size(win32, h) == 512
-    assert win32.read(q, 12) == b"twelve bytes"
-    assert ok(win32, win32.GlobalReAlloc, h, 10, flags) == h
-    assert slot(win32, h) == q and expect_size(win32, h) == 10
-    assert win32.read(q, 10) == b"twelve byt"
-
-
-def test_gl36_zero_size_moveable_realloc_discards(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 64)
-    p = slot(win32, h)
-    assert ok(win32, win32.GlobalReAlloc, h, 0, GMEM_MOVEABLE) == h
-    assert expect_size(win32, h) == 0
-    assert slot(win32, h) == 0
-    assert expect_flags(win32, h) & GMEM_DISCARDED
-    expect(win32, win32.GlobalLock, h, result=0, error=ERROR_DISCARDED)
-    size, _ = call(win32, win32.GlobalSize, p)
-    assert size == 0  # the data block went back to the heap
-    h2 = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 64)
-    q = slot(win32, h2)
-    win32.write(q, b"x" * 64)
-    result, error = call(win32, win32.GlobalReAlloc, h2, 0, 0)
-    assert result == 0 and error != SENTINEL
-    assert slot(win32, h2) == q and expect_size(win32, h2) == 64
-    assert expect_flags(win32, h2) & GMEM_DISCARDED == 0
-    assert ok(win32, win32.GlobalDiscard, h2) == h2  # the GlobalDiscard macro does the same
-    assert expect_size(win32, h2) == 0 and expect_flags(win32, h2) & GMEM_DISCARDED
-
-
-def test_gl37_moveable_zeroinit_growth(win32):
-    dirty(win32, 200000)
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE | GMEM_ZEROINIT, 100000)
-    p = slot(win32, h)
-    assert win32.read(p, 100000) == bytes(100000)
-    data = pattern(100000)
-    win32.write(p, data)
-    dirty(win32, 200000)
-    assert ok(win32, win32.GlobalReAlloc, h, 200000, GMEM_MOVEABLE | GMEM_ZEROINIT) == h
-    assert expect_size(win32, h) >= 200000
-    q = slot(win32, h)
-    assert win32.read(q, 100000) == data
-    assert win32.read(q + 100000, 100000) == bytes(100000)
-
-
-def test_gl38_handle_of_locked_pointer(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 40)
-    assert ok(win32, win32.GlobalHandle, ok(win32, win32.GlobalLock, h)) == h
-    f = ok(win32, win32.GlobalAlloc, GMEM_FIXED, 16)
-    assert ok(win32, win32.GlobalHandle, f) == f
-    # A process-heap block is no global object here (GlobalAlloc does not use the process
-    # heap): it is a pointer that names no object, with GL-20's result.
-    p = ok(win32, win32.HeapAlloc, win32.GetProcessHeap(), 0, 16)
-    expect(win32, win32.GlobalHandle, p, result=0, error=ERROR_INVALID_HANDLE)
-
-
-def test_gl39_discard_of_locked_then_unlocked(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 32)
-    ok(win32, win32.GlobalLock, h)
-    result, _ = call(win32, win32.GlobalDiscard, h)
-    assert result == 0
-    assert expect_size(win32, h) == 32
-    expect(win32, win32.GlobalUnlock, h, result=False, error=ERROR_SUCCESS)
-    assert ok(win32, win32.GlobalDiscard, h) == h
-    assert expect_size(win32, h) == 0
-    expect(win32, win32.GlobalFree, h, result=0)
-
-
-def test_gl40_free_of_locked_moveable_object(win32):
-    h = ok(win32, win32.GlobalAlloc, GMEM_MOVEABLE, 48)
-    p = ok(win32, win32.GlobalLock, h)
-    ok(win32, win32.GlobalLock, h)
-    expect(win32, win32.GlobalFree, h, result=0)
-    expect(win32, win32.GlobalFlags, h, result=GMEM_INVALID_HANDLE, error=ERROR_INVALID_HANDLE)
-    size, _ = call(win32, win32.GlobalSize, p)
-    assert size == 0  # its data went too
 
 
 def test_stale_handle_is_never_taken_for_the_slots_next_object(win32):
