@@ -138,17 +138,23 @@ def client(daemon):
         yield c
 
 
-@pytest.fixture
-def win32(daemon, monkeypatch):
-    """The Win32 facade bound to this test's daemon (through SHMHEAP_SOCKET)."""
+def bind_win32(daemon, monkeypatch):
+    """Yield the Win32 facade bound to `daemon` (through SHMHEAP_SOCKET); at teardown the
+    daemon must still be consistent. For fixtures: `yield from bind_win32(...)`."""
     monkeypatch.setenv("SHMHEAP_SOCKET", daemon.socket)
     client_module.close_default()
     from shmheap import win32 as facade
+    client_module.default_client()  # connect now: a refused connection is a setup error
     facade.SetLastError(0)
     yield facade
-    # Everything the facade did must leave the daemon consistent.
     client_module.default_client().check()
     client_module.close_default()
+
+
+@pytest.fixture
+def win32(daemon, monkeypatch):
+    """The Win32 facade bound to this test's daemon."""
+    yield from bind_win32(daemon, monkeypatch)
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ from shmheap.constants import (
 )
 from shmheap.errors import ShmheapMemoryError, WinError
 
-SENTINEL = 0xDEADBEEF
+from win32_checks import SENTINEL, _show
+
 SIZE_T_MAX = 2**64 - 1
 A = 0x40000  # 0x8000 * sizeof(void*)
 MiB = 2**20
@@ -56,10 +57,6 @@ spawn = multiprocessing.get_context("spawn")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _show(args):
-    return tuple(hex(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
-
 
 def ok(w, fn, *args):
     """Call fn(*args); assert success (non-zero, True) with the last error untouched."""

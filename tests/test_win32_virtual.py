@@ -24,7 +24,6 @@ import time
 import numpy as np
 import pytest
 
-from shmheap import client as client_module
 from shmheap.constants import (
     AT_ROUND_TO_PAGE, MEM_COMMIT, MEM_DECOMMIT, MEM_FREE, MEM_PRIVATE, MEM_RELEASE, MEM_RESERVE,
     MEM_RESET, MEM_TOP_DOWN, MEM_WRITE_WATCH, PAGE_EXECUTE, PAGE_EXECUTE_READ,
@@ -33,7 +32,7 @@ from shmheap.constants import (
 )
 from shmheap.errors import GuardPageError, ShmheapPermissionError, WinError
 
-from conftest import wait_until
+from conftest import bind_win32, wait_until
 
 PAGE = 0x1000
 GRANULE = 0x10000
@@ -136,18 +135,6 @@ def view_error(w, address, size, *, write=False):
     return info.value.winerror
 
 
-def bind(daemon, monkeypatch):
-    """The facade bound to `daemon`, checked at teardown like the `win32` fixture."""
-    monkeypatch.setenv("SHMHEAP_SOCKET", daemon.socket)
-    client_module.close_default()
-    from shmheap import win32 as facade
-    client_module.default_client()  # connect now: a refused connection is a setup error
-    facade.SetLastError(0)
-    yield facade
-    client_module.default_client().check()
-    client_module.close_default()
-
-
 @pytest.fixture
 def limited_daemon(make_daemon):
     return make_daemon("--commit-limit", "1M")
@@ -156,13 +143,13 @@ def limited_daemon(make_daemon):
 @pytest.fixture
 def win32_limited(limited_daemon, monkeypatch):
     """The facade bound to a daemon with a 1 MiB commit limit."""
-    yield from bind(limited_daemon, monkeypatch)
+    yield from bind_win32(limited_daemon, monkeypatch)
 
 
 @pytest.fixture
 def win32_process_limited(make_daemon, monkeypatch):
     """The facade bound to a daemon whose per-process commit limit is 4 MiB."""
-    yield from bind(make_daemon("--process-commit-limit", "4M"), monkeypatch)
+    yield from bind_win32(make_daemon("--process-commit-limit", "4M"), monkeypatch)
 
 
 # ---- 8. VirtualAlloc -------------------------------------------------------------------------
