@@ -181,6 +181,7 @@ class Heap:
         self.segments = [Segment(base, reserved, base + committed, base + HEAP_HEADER)]
         self.segment_bases = {base}  # free ranges never coalesce across a segment start
         self.initial_commit = committed
+        self.grown = False  # committed past the start since the heap was last empty
         self.next_extension = FIRST_EXTENSION
         self.free_start = {}  # start -> end of every free range
         self.free_end = {}  # end -> start
@@ -290,6 +291,7 @@ class Heap:
         return base
 
     def _commit_to(self, segment, new_end):
+        self.grown = True  # may hold more than the starting commit: reset when empty
         old_end = segment.committed_end
         self.source.commit(old_end, new_end - old_end)
         segment.committed_end = new_end
@@ -328,11 +330,13 @@ class Heap:
         return None
 
     def _reset_when_empty(self):
-        """No live block left: go back to the starting commit. A heap already there keeps its
-        runs, so a loop of alloc and free inside the initial commit costs no run setup."""
+        """No live block left: go back to the starting commit. Called only when there is
+        something to give back, so a heap already there keeps its runs, and a loop of alloc
+        and free inside the initial commit costs no run setup."""
+        self.grown = False
         first = self.segments[0]
         if len(self.segments) == 1 and first.committed_end == self.base + self.initial_commit:
-            return
+            return  # trimmed back already: keep the runs
         for run in list(self.run_set):
             self._dissolve(run)
         self.current = [None] * len(CLASS_SIZES)
@@ -442,18 +446,19 @@ class Heap:
         return self.medium[address] if kind == "medium" else self.large[address]
 
     def free(self, address):
-        run = self.runs.get(address // PAGE)
+        run = self.runs.get(address >> 12)  # address // PAGE
         if run is not None:  # the hot path: a push onto the run's free stack
             slot, offset = divmod(address - run.base, run.block)
-            if offset or run.sizes[slot] == SLOT_FREE:
+            sizes = run.sizes
+            if offset or sizes[slot] == SLOT_FREE:
                 _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
             if self.checking:
                 self._fill(address, run.block, FREE_FILL)
-            run.sizes[slot] = SLOT_FREE
+            sizes[slot] = SLOT_FREE
             run.free.append(slot)
             run.live -= 1
-            cls = run.cls
-            if self.current[cls] is not run:
+            if self.current[run.cls] is not run:
+                cls = run.cls
                 if run.live == 0:
                     self._dissolve(run)
                     self._trim(self._segment_of(run.base))
@@ -475,7 +480,7 @@ class Heap:
         else:
             _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
-        if self.live == 0:
+        if self.live == 0 and self.grown:
             self._reset_when_empty()
 
     def realloc(self, address, size, zero=False, in_place_only=False):

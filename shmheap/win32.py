@@ -18,6 +18,7 @@ import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from . import client as client_module
 from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
 from .errors import ShmheapError, WinError, raise_for
@@ -290,8 +291,14 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
     return len(handles)
 
 
+def _client():
+    """default_client() with its fast path inlined, for the per-block calls."""
+    client = client_module._default
+    return client if client is not None and client._sock is not None else default_client()
+
+
 def HeapAlloc(hHeap, dwFlags, dwBytes):
-    heap = default_client().heaps.get(hHeap & _MASK64)
+    heap = _client().heaps.get(hHeap & _MASK64)
     if heap is None:
         _state.last_error = WinError.ERROR_INVALID_HANDLE
         return 0
@@ -329,7 +336,7 @@ def HeapFree(hHeap, dwFlags, lpMem):
     address = lpMem & _MASK64
     if address == 0:
         return True  # HF-01: NULL short-circuits before the heap is looked at
-    client = default_client()
+    client = _client()
     heap = client.heaps.get(hHeap & _MASK64)
     if heap is None:
         _state.last_error = WinError.ERROR_INVALID_HANDLE
