@@ -10,12 +10,23 @@ def _status(args):
 
     with shmheap.connect(autostart=False) as client:
         status = client.status()
+        heaps = client.heap_list()
+        sections = client.call("section_list")
     print(f"shmheapd pid {status['daemon_pid']}: {status['committed']:,} bytes committed,"
           f" {status['resident']:,} resident")
     print(f"{'pid':>8} {'connections':>11} {'committed':>14}  since")
     for process in status["processes"]:
         since = time.strftime("%H:%M:%S", time.localtime(process["started"]))
         print(f"{process['pid']:>8} {process['connections']:>11} {process['committed']:>14,}  {since}")
+    print(f"{'heap':>14} {'name':<24} {'owner':>8} {'reserved':>14} {'committed':>14}  created")
+    for heap in sorted(heaps, key=lambda h: h["handle"]):
+        created = time.strftime("%H:%M:%S", time.localtime(heap["created"]))
+        print(f"{heap['handle']:#14x} {heap['name'][:24]:<24} {heap['owner']:>8}"
+              f" {heap['reserved']:>14,} {heap['committed']:>14,}  {created}")
+    print(f"global memory: {status['global_objects']:,} live objects; sections: {len(sections)}")
+    for section in sections:
+        holders = ", ".join(f"pid {pid}" for pid, _ in section["handles"]) or "views only"
+        print(f"{section['handle']:>14} {str(section['name'])[:24]:<24} {section['size']:>14,}  {holders}")
     print(f"{'region':>14} {'size':>14} {'owner':>8} {'kind':<8} {'committed':>14}")
     for base, size, owner, kind, pages in status["regions"]:
         print(f"{base:#14x} {size:>14,} {owner:>8} {kind:<8} {pages * 4096:>14,}")

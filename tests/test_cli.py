@@ -19,10 +19,14 @@ def test_demo_autostarts_a_daemon_and_every_step_holds(short_dir):
     wait_until(lambda: not os.path.exists(socket_path), what="the demo's idle daemon to exit")
 
 
-def test_status_lists_processes_and_regions(daemon, client):
+def test_status_lists_processes_heaps_and_regions(daemon, client):
+    client.create_heap("inspect me", initial=1 << 20)
     env = dict(os.environ, SHMHEAP_SOCKET=daemon.socket)
     proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "status"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"shmheapd pid {daemon.proc.pid}" in proc.stdout
     assert str(client.pid) in proc.stdout
+    heap_lines = [line for line in proc.stdout.splitlines() if "inspect me" in line]
+    assert len(heap_lines) == 1 and str(client.pid) in heap_lines[0]
+    assert "1,048,576" in heap_lines[0]  # its committed bytes: the initial size
