@@ -172,9 +172,7 @@ class Client:
         with self._lock:
             if self._sock is None:
                 self._reconnect()
-            ids = [next(self._ids) for _ in requests]
-            payload = b"".join([encode_request(msgid, op, args) for msgid, (op, args) in zip(ids, requests)])
-            return self._exchange(payload, ids)
+            return self._roundtrip(requests)
 
     def _reconnect(self):
         """Under the lock: a new connection after close, loss, or fork (not after close())."""
@@ -183,6 +181,7 @@ class Client:
         self._connect()
 
     def _roundtrip(self, requests):
+        """Under the lock: number, send and await [(op, args), ...] on the open socket."""
         ids = [next(self._ids) for _ in requests]
         return self._exchange(b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)]), ids)
 

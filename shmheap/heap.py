@@ -351,11 +351,13 @@ class Heap:
     # ---- blocks --------------------------------------------------------------------------
 
     def _extent(self, size):
-        return _round_up(size, ALIGN) + self.tail or ALIGN
+        """Bytes a small or medium block of `size` occupies: 16-aligned, plus the checked
+        tail, never 0 (a 0-byte block is still a distinct block, HA-01)."""
+        return ((size + 15) & ~15) + self.tail or ALIGN
 
     def alloc(self, size, zero=False):
         """A block of exactly `size` bytes (HeapSize reports `size`); raises ShmheapError."""
-        extent = ((size + 15) & ~15) + self.tail or ALIGN
+        extent = ((size + 15) & ~15) + self.tail or ALIGN  # self._extent(size), inlined: hot path
         if extent <= SMALL_MAX:  # the hot path: a pop from the class's current run
             cls = _CLASS_OF[extent >> 4]
             run = self.current[cls]
@@ -580,7 +582,7 @@ class Heap:
         """A block of `size` bytes at an address below `limit`, or None: the lowest free slot
         of the size class's runs, or the lowest free range that fits. For compaction, which
         is explicit and rare, so it may scan."""
-        extent = ((size + 15) & ~15) + self.tail or ALIGN
+        extent = self._extent(size)
         if extent <= SMALL_MAX:
             cls = _CLASS_OF[extent >> 4]
             runs = sorted((r for r in self.run_set if r.cls == cls and r.free and r.base < limit),

@@ -222,10 +222,16 @@ def RaiseLastError():
 _HEAP_FAILURE = ShmheapError
 
 
+def _client():
+    """default_client() with its fast path inlined, for the per-block calls."""
+    client = client_module._default
+    return client if client is not None and client._sock is not None else default_client()
+
+
 def _heap(hHeap):
     """This process's heap for a handle, or None with ERROR_INVALID_HANDLE (a handle of
     another process, a destroyed heap, or garbage)."""
-    heap = default_client().heaps.get(_ptr(hHeap))
+    heap = _client().heaps.get(_ptr(hHeap))
     if heap is None:
         _state.last_error = WinError.ERROR_INVALID_HANDLE
     return heap
@@ -289,12 +295,6 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
     if ProcessHeaps is not None:
         ProcessHeaps[:] = handles[:_dword(NumberOfHeaps)]
     return len(handles)
-
-
-def _client():
-    """default_client() with its fast path inlined, for the per-block calls."""
-    client = client_module._default
-    return client if client is not None and client._sock is not None else default_client()
 
 
 def HeapAlloc(hHeap, dwFlags, dwBytes):

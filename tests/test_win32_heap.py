@@ -685,13 +685,22 @@ def test_hr08_impossible_in_place_growth_leaves_block(win32, size, grow):
         assert size_of(win32, h, q) == size
 
 
-def test_hr09_realloc_of_bad_pointers(win32):
+def bad_pointers(win32, size):
+    """(h, live, other, freed, page): a heap with a live block of `size`, a second heap, a
+    block freed from h, and a VirtualAlloc page (non-heap memory)."""
     h = create(win32)
     other = create(win32)
-    q = alloc(win32, other, 40)
-    freed = alloc(win32, h, 40)
+    live = alloc(win32, h, size)
+    freed = alloc(win32, h, size)
     free(win32, h, freed)
     page = ok(win32, win32.VirtualAlloc, 0, 0x1000, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE)
+    return h, live, other, freed, page
+
+
+def test_hr09_realloc_of_bad_pointers(win32):
+    other, q, h, _, page = bad_pointers(win32, 40)  # q lives in `other`; h is a second heap
+    freed = alloc(win32, h, 40)
+    free(win32, h, freed)
     fails(win32, ERROR_NOACCESS, win32.HeapReAlloc, h, 0, OUTSIDE, 10)
     fails(win32, ERROR_INVALID_PARAMETER, win32.HeapReAlloc, h, 0, page + 0x100, 10)
     fails(win32, ERROR_INVALID_PARAMETER, win32.HeapReAlloc, h, 0, q, 10)
@@ -810,12 +819,7 @@ def test_hf06_free_non_heap_memory_err_unchanged(win32):
 
 
 def test_hf07_heap_size_of_bad_pointers(win32):
-    h1 = create(win32)
-    h2 = create(win32)
-    p = alloc(win32, h1, 100)
-    freed = alloc(win32, h1, 100)
-    free(win32, h1, freed)
-    page = ok(win32, win32.VirtualAlloc, 0, 0x1000, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE)
+    h1, p, h2, freed, page = bad_pointers(win32, 100)
     for bad_heap, bad in ((h2, p), (h1, freed), (h1, p + 16), (h1, page)):
         fails(win32, ERROR_INVALID_PARAMETER, win32.HeapSize, bad_heap, 0, bad, result=SIZE_T_MAX)
     assert size_of(win32, h1, p) == 100
