@@ -2,10 +2,11 @@
 
 Each comparison is printed as medians with the ratio shmheap / baseline:
 
-    echo round trip   Client.call("echo", 1) against a real shmheapd, versus a bare Unix-socket
+    echo round trip   Client.echo(1) against a real shmheapd, versus a bare Unix-socket
                       msgpack echo server in another Python process (the floor for any RPC
                       written in Python on this machine).
-    pipelining        call_many of 1000 echoes versus 1000 single calls, per request.
+    pipelining        echo_many of 1000 values (one pipelined write) versus 1000 single
+                      echoes, per request.
     64 KiB memory     VirtualAlloc + touch + VirtualFree versus the stdlib's
                       multiprocessing.shared_memory.SharedMemory create + touch + close + unlink.
     heap blocks       HeapAlloc + HeapFree of 64 B and 4 KiB on a private heap versus the
@@ -62,7 +63,7 @@ from multiprocessing import shared_memory
 
 import msgpack
 
-from shmheap import client as client_module
+import shmheap
 from shmheap import win32
 
 START_TIMEOUT = 15.0  # seconds for a child server to accept
@@ -159,7 +160,7 @@ def _per_op(function, n):
 
 
 def _bare_echo_call(sock):
-    """One round trip to the bare server, done the way Client.call does it: pack one request,
+    """One round trip to the bare server, done the way Connection.call does it: pack one request,
     send it, read until one whole reply has been unpacked."""
     unpacker = msgpack.Unpacker(raw=False)
     packer = msgpack.Packer()
@@ -179,11 +180,11 @@ def _bare_echo_call(sock):
 
 
 def _pipelined(client, n):
-    requests = [("echo", (i,)) for i in range(n)]
+    values = list(range(n))
 
     def batch():
         start = time.perf_counter()
-        client.call_many(requests)
+        client.echo_many(values)
         return (time.perf_counter() - start) / n
     return batch
 
@@ -192,7 +193,7 @@ def _singles(client, n):
     def batch():
         start = time.perf_counter()
         for i in range(n):
-            client.call("echo", i)
+            client.echo(i)
         return (time.perf_counter() - start) / n
     return batch
 
@@ -490,14 +491,6 @@ def _pool_rows(client, pool, count, tasks, batches):
     return results
 
 
-def _free_buffers(client, buffers):
-    """Free SharedBuffers with one pipelined write; GlobalFree returns NULL (0) on success."""
-    replies = client.call_many([("global_free", (buffer.address,)) for buffer in buffers])
-    failed = sum(1 for error, result in replies if error or result[0])
-    if failed:
-        raise RuntimeError(f"{failed} of {len(buffers)} shared buffers could not be freed")
-
-
 def _share_many_batch(client, n):
     """A batch: n buffers in one share_many round trip; the mean seconds per buffer. Freeing
     them afterwards is not timed."""
@@ -505,7 +498,7 @@ def _share_many_batch(client, n):
         start = time.perf_counter()
         buffers = client.share_many([SHARE_MANY_SIZE] * n)
         elapsed = time.perf_counter() - start
-        _free_buffers(client, buffers)
+        client.free_many(buffers)
         return elapsed / n
     return batch
 
@@ -516,7 +509,7 @@ def _share_singles_batch(client, n):
         start = time.perf_counter()
         buffers = [client.share(SHARE_MANY_SIZE) for _ in range(n)]
         elapsed = time.perf_counter() - start
-        _free_buffers(client, buffers)
+        client.free_many(buffers)
         return elapsed / n
     return batch
 
@@ -529,8 +522,8 @@ def _have_numpy():
 
 ROWS = [
     # key, operation, what the baseline is
-    ("echo", "echo round trip", "Client.call vs bare msgpack socket"),
-    ("pipeline", "echo x1000, per request", "call_many vs 1000 x Client.call"),
+    ("echo", "echo round trip", "Client.echo vs bare msgpack socket"),
+    ("pipeline", "echo x1000, per request", "echo_many vs 1000 x Client.echo"),
     ("alloc64k", "64 KiB alloc+touch+free", "VirtualAlloc/Free vs SharedMemory"),
     ("heap64", "64 B block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
     ("heap4k", "4 KiB block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
@@ -582,12 +575,12 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
         # uses that one Client: a process gets one process heap, so a second connection from
         # the same pid is refused at its handshake.
         os.environ["SHMHEAP_SOCKET"] = daemon_sock
-        client_module.close_default()
-        client = client_module.default_client()
+        shmheap.close_default()
+        client = shmheap.default_client()
 
         results = {}
         with bare:
-            results["echo"] = _compare(_per_op(lambda: client.call("echo", 1), echo_n),
+            results["echo"] = _compare(_per_op(lambda: client.echo(1), echo_n),
                                        _per_op(_bare_echo_call(bare), echo_n), batches)
             results["pipeline"] = _compare(_pipelined(client, pipeline_n),
                                            _singles(client, pipeline_n), batches)
@@ -617,7 +610,7 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
         results["metadata"] = _metadata(client, live_blocks, baseline_live)
         return results
     finally:
-        client_module.close_default()
+        shmheap.close_default()
         if previous_env is None:
             os.environ.pop("SHMHEAP_SOCKET", None)
         else:

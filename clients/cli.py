@@ -11,7 +11,8 @@ def _status(args):
     with shmheap.connect(autostart=False) as client:
         status = client.status()
         heaps = client.heap_list()
-        sections = client.call("section_list")
+        sections = client.section_list()
+        page_size = client.info["page_size"]
     print(f"shmheapd pid {status['daemon_pid']}: {status['committed']:,} bytes committed,"
           f" {status['resident']:,} resident")
     print(f"{'pid':>8} {'connections':>11} {'committed':>14}  since")
@@ -29,7 +30,7 @@ def _status(args):
         print(f"{section['handle']:>14} {str(section['name'])[:24]:<24} {section['size']:>14,}  {holders}")
     print(f"{'region':>14} {'size':>14} {'owner':>8} {'kind':<8} {'committed':>14}")
     for base, size, owner, kind, pages in status["regions"]:
-        print(f"{base:#14x} {size:>14,} {owner:>8} {kind:<8} {pages * 4096:>14,}")
+        print(f"{base:#14x} {size:>14,} {owner:>8} {kind:<8} {pages * page_size:>14,}")
     return 0
 
 

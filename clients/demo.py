@@ -10,7 +10,6 @@ import signal
 
 import shmheap
 from shmheap import win32
-from shmheap.client import default_client
 from shmheap.win32 import (MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READONLY,
                            PAGE_READWRITE)
 
@@ -28,7 +27,7 @@ def _expect(condition, what):
 
 
 def _resident():
-    return default_client().call("memory_status")["resident"]
+    return shmheap.default_client().memory_status()["resident"]
 
 
 def _show_query(address):
@@ -48,7 +47,7 @@ def _reader(address, conn):
 def _hog(size, conn):
     """A process that commits and touches `size` bytes, then waits to be killed."""
     with shmheap.connect(autostart=False) as c:
-        address = c.call("virtual_alloc", 0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+        address = c.virtual_alloc(0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
         c.view(address, size, write=True)[::4096] = b"\1" * (size // 4096)
         conn.send(address)
         conn.recv()
@@ -71,7 +70,7 @@ def _global_peer(handle, conn):
 
 def main(argv=None):
     spawn = multiprocessing.get_context("spawn")
-    client = default_client()  # autostarts the embedded daemon if none listens
+    client = shmheap.default_client()  # autostarts the embedded daemon if none listens
     info = client.info
     _say(f"1. Connected to shmheapd pid {info['daemon_pid']} on {client.path}")
     _say(f"   segment {info['segment']}: {info['size']:,} bytes virtual, page {info['page_size']},"

@@ -51,7 +51,7 @@ def run(workers, buffers, count, start_method, out=print):
                 f"{buffers - failures} checked, {failures} wrong")
             return failures
         finally:
-            client.call_many([("global_free", (buffer.address,)) for buffer in shared])
+            client.free_many(shared)
 
 
 def main(argv=None):

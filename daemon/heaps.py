@@ -9,9 +9,8 @@ A heap's handle is the base of its first region (so it is 64 KiB aligned, HC-01)
 import time
 
 from shmheap.constants import HEAP_CREATE_ENABLE_EXECUTE, PAGE_EXECUTE_READWRITE, PAGE_READWRITE
-from shmheap.errors import ShmheapError, WinError
-
-from .pagetable import PAGE_SIZE
+from shmheap.errors import WinError, raise_for
+from shmheap.segment import PAGE_SIZE
 
 
 class HeapRecord:
@@ -35,18 +34,13 @@ class Heaps:
 
     def create(self, owner, name, flags, reserve, commit, maximum):
         if not name:
-            raise ShmheapError(WinError.ERROR_INVALID_PARAMETER, "a heap needs a name")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "a heap needs a name")
         if any(h.owner == owner and h.name == name for h in self.by_handle.values()):
-            raise ShmheapError(WinError.ERROR_ALREADY_EXISTS, f"this process has a heap named {name!r}")
+            raise_for(WinError.ERROR_ALREADY_EXISTS, f"this process has a heap named {name!r}")
         if commit > reserve or not reserve:
-            raise ShmheapError(WinError.ERROR_INVALID_PARAMETER, "commit must fit the reservation")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "commit must fit the reservation")
         protect = PAGE_EXECUTE_READWRITE if flags & HEAP_CREATE_ENABLE_EXECUTE else PAGE_READWRITE
-        region = self.pagetable.reserve(owner, reserve, protect, kind="heap")
-        try:
-            self.pagetable.commit(region, 0, -(-commit // PAGE_SIZE), protect)
-        except ShmheapError:
-            self.pagetable.release(region)
-            raise
+        region = self.pagetable.allocate(owner, reserve, protect, commit, kind="heap")
         record = HeapRecord(region.base, name, owner, flags, maximum, protect)
         self.by_handle[record.handle] = record
         return record.handle
@@ -54,19 +48,21 @@ class Heaps:
     def _own(self, owner, handle):
         record = self.by_handle.get(handle)
         if record is None or record.owner != owner:
-            raise ShmheapError(WinError.ERROR_INVALID_HANDLE, f"no heap {handle:#x} in this process")
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"no heap {handle:#x} in this process")
         return record
 
-    def _region(self, record, address, size):
+    def _pages(self, record, address, size):
+        """The heap's region holding [address, address+size) and its page range."""
         region = self.pagetable.region_at(address)
         if region is None or region.base not in record.regions or address + size > region.end:
-            raise ShmheapError(WinError.ERROR_INVALID_ADDRESS, f"{address:#x} is not in this heap")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, f"{address:#x} is not in this heap")
         if address % PAGE_SIZE or size % PAGE_SIZE or not size:
-            raise ShmheapError(WinError.ERROR_INVALID_PARAMETER, "heap commits are whole pages")
-        return region
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "heap commits are whole pages")
+        first = (address - region.base) // PAGE_SIZE
+        return region, first, first + size // PAGE_SIZE
 
     def extend(self, owner, handle, size):
-        """Reserve another region for the heap (a growth segment or a large block)."""
+        """Reserve another region for the heap (a growth region or a large block)."""
         record = self._own(owner, handle)
         region = self.pagetable.reserve(owner, size, record.protect, kind="heap")
         record.regions.add(region.base)
@@ -74,31 +70,27 @@ class Heaps:
 
     def commit(self, owner, handle, address, size):
         record = self._own(owner, handle)
-        region = self._region(record, address, size)
-        first = (address - region.base) // PAGE_SIZE
-        self.pagetable.commit(region, first, first + size // PAGE_SIZE, record.protect)
+        region, first, last = self._pages(record, address, size)
+        self.pagetable.commit(region, first, last, record.protect)
 
     def decommit(self, owner, handle, address, size):
-        record = self._own(owner, handle)
-        region = self._region(record, address, size)
-        first = (address - region.base) // PAGE_SIZE
-        self.pagetable.decommit(region, first, first + size // PAGE_SIZE)
+        region, first, last = self._pages(self._own(owner, handle), address, size)
+        self.pagetable.decommit(region, first, last)
 
     def release(self, owner, handle, base):
         record = self._own(owner, handle)
         if base == record.handle or base not in record.regions:
-            raise ShmheapError(WinError.ERROR_INVALID_ADDRESS, f"{base:#x} is no extra region of this heap")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, f"{base:#x} is no extra region of this heap")
         record.regions.discard(base)
-        self.pagetable.release(self.pagetable.regions[base])
+        self.pagetable.release(self.pagetable.region_at(base))
 
     def destroy(self, owner, handle):
-        record = self._own(owner, handle)
-        self._drop(record)
+        self._drop(self._own(owner, handle))
 
     def _drop(self, record):
         del self.by_handle[record.handle]
         for base in sorted(record.regions):
-            self.pagetable.release(self.pagetable.regions[base])
+            self.pagetable.release(self.pagetable.region_at(base))
 
     def release_owner(self, owner):
         """Destroy every heap of a process that is gone; returns how many."""
@@ -110,44 +102,37 @@ class Heaps:
     def list(self):
         rows = []
         for record in self.by_handle.values():
-            regions = [self.pagetable.regions[base] for base in record.regions]
+            regions = [self.pagetable.region_at(base) for base in record.regions]
             rows.append({"handle": record.handle, "name": record.name, "owner": record.owner,
                          "flags": record.flags, "maximum": record.maximum,
                          "reserved": sum(r.size for r in regions),
-                         "committed": sum(r.committed_pages for r in regions) * PAGE_SIZE,
+                         "committed": sum(r.committed for r in regions),
                          "created": record.created})
         return rows
 
-
-class PageTablePages:
-    """The page source of a heap the daemon runs itself (the global heap): regions and
-    commits straight from the page table, owned by `owner` (SYSTEM for shared memory)."""
-
-    def __init__(self, pagetable, owner, memory, protect=PAGE_READWRITE, kind="global", shared=False):
-        self.pagetable = pagetable
-        self.owner = owner
-        self.memory = memory
-        self.protect = protect
-        self.kind = kind
-        self.shared = shared  # regions every process may view
-
-    def reserve(self, size):
-        region = self.pagetable.reserve(self.owner, size, self.protect, kind=self.kind)
-        region.shared = self.shared
-        return region.base
-
-    def _pages(self, address, size):
-        region = self.pagetable.region_at(address)
-        first = (address - region.base) // PAGE_SIZE
-        return region, first, first + -(-size // PAGE_SIZE)
-
-    def commit(self, address, size):
-        region, first, last = self._pages(address, size)
-        self.pagetable.commit(region, first, last, self.protect)
-
-    def decommit(self, address, size):
-        region, first, last = self._pages(address, size)
-        self.pagetable.decommit(region, first, last)
-
-    def release(self, base):
-        self.pagetable.release(self.pagetable.regions[base])
+    def check(self):
+        """Walk the registry; raise RuntimeError naming each broken invariant: every region of
+        a heap is a live heap region of the heap's owner, starting where the table says, no
+        region is in two heaps, every heap region of the page table is in a heap, and names
+        are unique per process."""
+        problems = []
+        seen = {}
+        for handle, record in self.by_handle.items():
+            if handle != record.handle or handle not in record.regions:
+                problems.append(f"heap {handle:#x} is not filed under its first region")
+            for base in record.regions:
+                region = self.pagetable.region_at(base)
+                if region is None or region.base != base or region.kind != "heap" or region.owner != record.owner:
+                    problems.append(f"heap {handle:#x} lists {base:#x}, no heap region of its owner")
+                if base in seen:
+                    problems.append(f"region {base:#x} is in heaps {seen[base]:#x} and {handle:#x}")
+                seen[base] = handle
+        heap_regions = {region.base for region in self.pagetable.regions_in_order() if region.kind == "heap"}
+        if heap_regions != set(seen):
+            problems.append(f"heap regions of no heap: {sorted(heap_regions - set(seen))[:5]}")
+        names = [(record.owner, record.name) for record in self.by_handle.values()]
+        if len(names) != len(set(names)):
+            problems.append("two heaps of one process share a name")
+        if problems:
+            raise RuntimeError("heap registry inconsistent: " + "; ".join(problems[:10]))
+        return {"heaps": len(self.by_handle)}

@@ -1,4 +1,7 @@
-"""shmheapd: the daemon that owns the segment. `main()` assembles the whole stack."""
+"""shmheapd: the daemon that owns the segment. `main()` assembles the whole stack:
+
+    lock beside the socket -> Kernel (segment, page table, services) -> listener -> Server
+"""
 
 import argparse
 import fcntl
@@ -6,17 +9,11 @@ import logging
 import os
 import signal
 import sys
-import time
 
 from shmheap import segment
-from shmheap.protocol import PROTOCOL_VERSION
 
-from .handles import GlobalMemory
-from .heaps import Heaps
-from .pagetable import Backing, PageTable
-from .sections import Sections
-from .server import Handlers, Server, listen, peer_is_listening
-from .sessions import Sessions
+from .kernel import Kernel
+from .server import Server, listen, peer_is_listening
 
 log = logging.getLogger("shmheapd")
 
@@ -96,34 +93,20 @@ def main(argv=None):
 
     commit_limit = args.commit_limit if args.commit_limit is not None else _default_commit_limit(args.size)
     process_limit = args.process_commit_limit if args.process_commit_limit is not None else commit_limit
-    shm = segment.create(name, args.size, os.getpid(), time.time_ns())
-    mapping = segment.map_segment(name, args.size)
-    memory = memoryview(mapping)  # the global heap's view of the bytes
+    kernel = Kernel(name, args.size, commit_limit, process_limit)
     listener = None
     try:
-        pagetable = PageTable(args.size, Backing(shm.fd, mapping), commit_limit, process_limit)
-        sessions = Sessions()
-        info = {"version": PROTOCOL_VERSION, "segment": name, "size": args.size,
-                "page_size": segment.PAGE_SIZE, "granularity": segment.ALLOCATION_GRANULARITY,
-                "min_address": segment.MIN_ADDRESS, "daemon_pid": os.getpid(),
-                "generation": segment.read_header(shm.fd).generation,
-                "commit_limit": commit_limit, "process_commit_limit": process_limit}
         listener = listen(path)
         log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
-        handlers = Handlers(info, pagetable, Heaps(pagetable), GlobalMemory(pagetable, memory),
-                            Sections(pagetable), sessions)
-        server = Server(listener, handlers, sessions,
-                        allowed_uids={os.getuid(), *args.allow_uid}, idle_exit=args.idle_exit)
+        server = Server(listener, kernel, allowed_uids={os.getuid(), *args.allow_uid},
+                        idle_exit=args.idle_exit)
         server.serve_forever(early_signals)
     finally:
         if listener is not None:
             listener.close()
             if os.path.lexists(path):
                 os.unlink(path)
-        memory.release()
-        mapping.close()
-        shm.close_fd()
-        segment.unlink_quietly(name)
+        kernel.close()
         os.close(lock_fd)
         log.info("stopped; socket and segment removed")
     return 0

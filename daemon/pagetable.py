@@ -43,8 +43,8 @@ from shmheap.constants import (
     PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE, PAGE_GUARD, PAGE_NOACCESS, PAGE_NOCACHE,
     PAGE_READABLE, PAGE_READONLY, PAGE_READWRITE, PAGE_WRITABLE, PAGE_WRITECOMBINE,
 )
-from shmheap.errors import ShmheapError, WinError
-from shmheap.segment import ALLOCATION_GRANULARITY, MIN_ADDRESS, PAGE_SIZE
+from shmheap.errors import ShmheapError, WinError, raise_for
+from shmheap.segment import ALLOCATION_GRANULARITY, MIN_ADDRESS, PAGE_SIZE, pages_in, round_down, round_up
 
 GRANULE = ALLOCATION_GRANULARITY
 RESERVED = 0  # run value of a reserved (uncommitted) page
@@ -53,18 +53,6 @@ SYSTEM = 0  # owner of regions no process owns (global heap, clipboard)
 _BASE_PROTECTIONS = {PAGE_NOACCESS, PAGE_READONLY, PAGE_READWRITE, PAGE_EXECUTE,
                      PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE}
 _ALLOC_TYPES = MEM_COMMIT | MEM_RESERVE | MEM_RESET | MEM_RESET_UNDO | MEM_TOP_DOWN | MEM_WRITE_WATCH
-
-
-def _fail(code, message=None):
-    raise ShmheapError(code, message)
-
-
-def _round_down(value, unit):
-    return value - value % unit
-
-
-def _round_up(value, unit):
-    return -(-value // unit) * unit
 
 
 class Backing:
@@ -92,7 +80,8 @@ class Backing:
 
 
 class Region:
-    """One reservation. Pages are runs; see the module docstring."""
+    """One reservation. Pages are runs; see the module docstring. Other layers read its
+    fields; only the page table changes them."""
 
     __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "viewers", "starts",
                  "values", "committed_pages")
@@ -104,7 +93,7 @@ class Region:
         self.kind = kind  # "private" (VirtualAlloc); later layers add their own
         self.alloc_protect = alloc_protect
         self.shared = False  # visible to every process (the global heap)
-        self.viewers = None  # a section's: pid -> writable, for the processes with views
+        self.viewers = None  # a section's: pid -> writable, for the processes with views (grant)
         self.starts = [0]
         self.values = [RESERVED]
         self.committed_pages = 0
@@ -147,9 +136,14 @@ class Region:
     def count_committed(self, first, last):
         return sum(stop - start for start, stop, value in self.runs(first, last) if value != RESERVED)
 
+    @property
+    def committed(self):
+        """Bytes committed in the region."""
+        return self.committed_pages * PAGE_SIZE
+
 
 class PageTable:
-    def __init__(self, size, backing, commit_limit, process_commit_limit):
+    def __init__(self, size, backing, commit_limit, process_commit_limit, reclaim=None):
         self.size = size
         self.backing = backing
         self.commit_limit = commit_limit
@@ -163,7 +157,7 @@ class PageTable:
         self.regions_by_owner = {}
         # Called when a commit would pass the limit: gives back memory kept only as a cache
         # (the global heap's freed large regions); returns the bytes it freed.
-        self.reclaim = lambda: 0
+        self.reclaim = reclaim or (lambda: 0)
 
     # ---- address-space primitives ---------------------------------------------------------
 
@@ -189,7 +183,7 @@ class PageTable:
         """Remove granule-aligned [start, end) from the free extent that holds it, or fail."""
         i = bisect_right(self.free_starts, start) - 1
         if i < 0 or end > self.free_ends[i]:
-            _fail(WinError.ERROR_INVALID_ADDRESS, "address range already reserved")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, "address range already reserved")
         free_start, free_end = self.free_starts[i], self.free_ends[i]
         pieces = [(s, e) for s, e in ((free_start, start), (end, free_end)) if e > s]
         self.free_starts[i:i + 1] = [s for s, _ in pieces]
@@ -208,27 +202,40 @@ class PageTable:
         self.free_starts.insert(i, start)
         self.free_ends.insert(i, end)
 
-    def reserve(self, owner, size, protect, address=0, top_down=False, kind="private"):
+    def reserve(self, owner, size, protect, address=0, top_down=False, kind="private", shared=False):
         """Reserve a region of `size` bytes (rounded up to pages) at `address` (rounded down to
-        a granule) or, with address 0, wherever first fit finds room. Returns the Region."""
+        a granule) or, with address 0, wherever first fit finds room. Returns the Region.
+        A `shared` region is visible to every process (the global heap's)."""
         if address:
-            base = _round_down(address, GRANULE)
-            end = _round_up(address + size, PAGE_SIZE)
+            base = round_down(address, GRANULE)
+            end = round_up(address + size, PAGE_SIZE)
             if base < MIN_ADDRESS or end > self.size:
-                _fail(WinError.ERROR_INVALID_PARAMETER, "address outside the user address space")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "address outside the user address space")
         else:
-            size = _round_up(size, PAGE_SIZE)
+            size = round_up(size, PAGE_SIZE)
             if size > self.size:
-                _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the address space")
-            base = self._find_free(_round_up(size, GRANULE), top_down)
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the address space")
+            base = self._find_free(round_up(size, GRANULE), top_down)
             if base is None:
-                _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "no free address range that large")
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "no free address range that large")
             end = base + size
-        self._take(base, _round_up(end, GRANULE))
+        self._take(base, round_up(end, GRANULE))
         region = Region(base, end - base, owner, kind, protect)
+        region.shared = shared
         self.regions[base] = region
         self.bases.insert(bisect_left(self.bases, base), base)
         self.regions_by_owner.setdefault(owner, set()).add(base)
+        return region
+
+    def allocate(self, owner, size, protect, commit=None, address=0, top_down=False, kind="private"):
+        """Reserve a region as `reserve` does and commit its first `commit` bytes (rounded up
+        to pages; None: all of it): both or neither. Returns the Region."""
+        region = self.reserve(owner, size, protect, address, top_down, kind)
+        try:
+            self.commit(region, 0, region.pages if commit is None else pages_in(commit), protect)
+        except ShmheapError:
+            self.release(region)
+            raise
         return region
 
     def commit(self, region, first, last, protect):
@@ -239,10 +246,10 @@ class PageTable:
         if new_bytes:
             owner_total = self.committed_by_owner.get(region.owner, 0) + new_bytes
             if region.owner != SYSTEM and owner_total > self.process_commit_limit:
-                _fail(WinError.ERROR_COMMITMENT_LIMIT, "process commit limit reached")
+                raise_for(WinError.ERROR_COMMITMENT_LIMIT, "process commit limit reached")
             if self.committed + new_bytes > self.commit_limit and not (
                     self.reclaim() and self.committed + new_bytes <= self.commit_limit):
-                _fail(WinError.ERROR_COMMITMENT_LIMIT, "commit limit reached")
+                raise_for(WinError.ERROR_COMMITMENT_LIMIT, "commit limit reached")
             done = []
             try:
                 for start, stop in fresh:
@@ -252,7 +259,7 @@ class PageTable:
                 for start, stop in done:
                     self.backing.decommit(region.base + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
                 code = WinError.ERROR_COMMITMENT_LIMIT if exc.errno == errno.ENOSPC else WinError.ERROR_NOT_ENOUGH_MEMORY
-                _fail(code, f"segment cannot back the commit: {exc.strerror}")
+                raise_for(code, f"segment cannot back the commit: {exc.strerror}")
             self._count(region, new_bytes)
         region.set_pages(first, last, protect)
 
@@ -276,14 +283,47 @@ class PageTable:
         owned.discard(region.base)
         if not owned:
             del self.regions_by_owner[region.owner]
-        self._give(region.base, _round_up(region.end, GRANULE))
+        self._give(region.base, round_up(region.end, GRANULE))
         return freed
 
     def release_owner(self, owner):
         """Release every region `owner` holds (process exit). Returns (regions, bytes)."""
-        bases = sorted(self.regions_by_owner.get(owner, ()))
-        freed = sum(self.release(self.regions[base]) for base in bases)
-        return len(bases), freed
+        regions = self.regions_of(owner)
+        freed = sum(self.release(region) for region in regions)
+        return len(regions), freed
+
+    def grant(self, region, pid, writable):
+        """Let process `pid` see into `region` (a section it maps), writable or read-only."""
+        if region.viewers is None:
+            region.viewers = {}
+        region.viewers[pid] = writable
+
+    def revoke(self, region, pid):
+        """Process `pid` no longer sees into `region` (its last view is gone)."""
+        if region.viewers:
+            region.viewers.pop(pid, None)
+
+    # ---- what the table holds -------------------------------------------------------------
+
+    def regions_in_order(self):
+        """Every region, by address."""
+        return [self.regions[base] for base in self.bases]
+
+    def regions_of(self, owner):
+        """The regions `owner` holds, by address."""
+        return [self.regions[base] for base in sorted(self.regions_by_owner.get(owner, ()))]
+
+    def committed_by(self, owner):
+        """Bytes committed in the regions `owner` holds."""
+        return self.committed_by_owner.get(owner, 0)
+
+    def free_bytes(self):
+        """Address space no region holds."""
+        return sum(end - start for start, end in zip(self.free_starts, self.free_ends))
+
+    def resident_bytes(self):
+        """Bytes of the segment that tmpfs holds (fstat st_blocks): what commit costs."""
+        return self.backing.resident_bytes()
 
     def _count(self, region, delta):
         self.committed += delta
@@ -309,7 +349,7 @@ class PageTable:
         if self.bases != sorted(self.regions):
             problems.append("bases out of sync with regions")
         for base, region in self.regions.items():
-            spans.append((base, _round_up(region.end, GRANULE), "region"))
+            spans.append((base, round_up(region.end, GRANULE), "region"))
             if base % GRANULE or region.size % PAGE_SIZE or region.size <= 0:
                 problems.append(f"region {base:#x} misaligned")
             if region.starts[0] != 0 or any(b <= a for a, b in zip(region.starts, region.starts[1:])):
@@ -347,52 +387,46 @@ class PageTable:
     def _own_region(self, owner, address):
         region = self.region_at(address)
         if region is None or region.owner != owner:
-            _fail(WinError.ERROR_INVALID_ADDRESS, f"no region of this process at {address:#x}")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, f"no region of this process at {address:#x}")
         return region
 
     def _page_range(self, owner, address, size):
         """The caller's region and page range [first, last) covering [address, address+size),
         which must lie in one region (VA-17, VA-18, VF-12)."""
         if address + size > self.size:
-            _fail(WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
         region = self._own_region(owner, address)
-        end = _round_up(address + size, PAGE_SIZE)
+        end = round_up(address + size, PAGE_SIZE)
         if end > region.end:
-            _fail(WinError.ERROR_INVALID_ADDRESS, "range crosses the end of its region")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, "range crosses the end of its region")
         return region, (address - region.base) // PAGE_SIZE, (end - region.base) // PAGE_SIZE
 
     def virtual_alloc(self, owner, address, size, alloc_type, protect):
         """VirtualAlloc: returns the address of the reserved region or committed pages."""
         if alloc_type & ~_ALLOC_TYPES or alloc_type & (AT_ROUND_TO_PAGE | MEM_LARGE_PAGES | MEM_PHYSICAL):
-            _fail(WinError.ERROR_INVALID_PARAMETER, "unknown allocation type bits")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "unknown allocation type bits")
         if alloc_type & (MEM_RESET | MEM_RESET_UNDO):
             if alloc_type not in (MEM_RESET, MEM_RESET_UNDO):
-                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_RESET combines with no other type")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "MEM_RESET combines with no other type")
             return self._reset(owner, address, size)
         if not alloc_type & (MEM_COMMIT | MEM_RESERVE):
-            _fail(WinError.ERROR_INVALID_PARAMETER, "allocation type needs MEM_COMMIT or MEM_RESERVE")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "allocation type needs MEM_COMMIT or MEM_RESERVE")
         if alloc_type & MEM_WRITE_WATCH:
             if not alloc_type & MEM_RESERVE:
-                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_WRITE_WATCH needs MEM_RESERVE")
-            _fail(WinError.ERROR_NOT_SUPPORTED, "write watching is not implemented")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "MEM_WRITE_WATCH needs MEM_RESERVE")
+            raise_for(WinError.ERROR_NOT_SUPPORTED, "write watching is not implemented")
         check_protection(protect)
         if size == 0:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
         if address and address < MIN_ADDRESS:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "address below the lowest user address")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "address below the lowest user address")
         if address + size > self.size:
-            _fail(WinError.ERROR_INVALID_PARAMETER if alloc_type & MEM_RESERVE or not address
+            raise_for(WinError.ERROR_INVALID_PARAMETER if alloc_type & MEM_RESERVE or not address
                   else WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
         if alloc_type & MEM_RESERVE or not address:
             # MEM_COMMIT with no address implies MEM_RESERVE (VA-04).
-            region = self.reserve(owner, size, protect, address, bool(alloc_type & MEM_TOP_DOWN))
-            if alloc_type & MEM_COMMIT:
-                try:
-                    self.commit(region, 0, region.pages, protect)
-                except ShmheapError:
-                    self.release(region)
-                    raise
-            return region.base
+            commit = None if alloc_type & MEM_COMMIT else 0
+            return self.allocate(owner, size, protect, commit, address, bool(alloc_type & MEM_TOP_DOWN)).base
         region, first, last = self._page_range(owner, address, size)
         self.commit(region, first, last, protect)
         return region.base + first * PAGE_SIZE
@@ -402,41 +436,41 @@ class PageTable:
         # (VA-13) and the only one that keeps commit real: punching the pages out would let a
         # later write fault in memory that was never fallocated.
         if size == 0:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
         region, first, _ = self._page_range(owner, address, size)
         return region.base + first * PAGE_SIZE
 
     def virtual_free(self, owner, address, size, free_type):
         if free_type == MEM_RELEASE:
             if size:
-                _fail(WinError.ERROR_INVALID_PARAMETER, "MEM_RELEASE takes size 0")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "MEM_RELEASE takes size 0")
             region = self._own_region(owner, address)
-            if _round_down(address, PAGE_SIZE) != region.base:
-                _fail(WinError.ERROR_INVALID_ADDRESS, "MEM_RELEASE needs the region base")
+            if round_down(address, PAGE_SIZE) != region.base:
+                raise_for(WinError.ERROR_INVALID_ADDRESS, "MEM_RELEASE needs the region base")
             if region.kind != "private":
-                _fail(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
+                raise_for(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
             self.release(region)
         elif free_type == MEM_DECOMMIT:
             if size == 0:
                 region = self._own_region(owner, address)
-                if _round_down(address, PAGE_SIZE) != region.base:
-                    _fail(WinError.ERROR_INVALID_ADDRESS, "size 0 decommits from the region base only")
+                if round_down(address, PAGE_SIZE) != region.base:
+                    raise_for(WinError.ERROR_INVALID_ADDRESS, "size 0 decommits from the region base only")
                 first, last = 0, region.pages
             else:
                 region, first, last = self._page_range(owner, address, size)
             if region.kind != "private":
-                _fail(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
+                raise_for(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
             self.decommit(region, first, last)
         else:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "free type must be MEM_DECOMMIT or MEM_RELEASE")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "free type must be MEM_DECOMMIT or MEM_RELEASE")
         return True
 
     def virtual_query(self, owner, address):
         """MEMORY_BASIC_INFORMATION as a tuple: (BaseAddress, AllocationBase, AllocationProtect,
         RegionSize, State, Protect, Type)."""
         if address >= self.size:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "address past the end of the address space")
-        page = _round_down(address, PAGE_SIZE)
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "address past the end of the address space")
+        page = round_down(address, PAGE_SIZE)
         region = self.region_at(address)
         if region is None:
             i = bisect_right(self.bases, address)
@@ -458,11 +492,11 @@ class PageTable:
         """VirtualProtect: returns the old protection of the first page."""
         check_protection(protect)
         if size == 0:
-            _fail(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
         region, first, last = self._page_range(owner, address, size)
         runs = list(region.runs(first, last))
         if any(value == RESERVED for _, _, value in runs):
-            _fail(WinError.ERROR_INVALID_ADDRESS, "range holds uncommitted pages")
+            raise_for(WinError.ERROR_INVALID_ADDRESS, "range holds uncommitted pages")
         old = runs[0][2]
         for start, stop, value in runs:
             # Cache modifiers are fixed when pages are committed (VA-09, modern Windows).
@@ -474,25 +508,25 @@ class PageTable:
         False if read-only; fails with ERROR_NOACCESS otherwise. Touching PAGE_GUARD pages
         clears their guard and fails once with STATUS_GUARD_PAGE_VIOLATION (VA-07)."""
         if size == 0 or address + size > self.size:
-            _fail(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
+            raise_for(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
         region = self.region_at(address)
         if region is None or not _visible(region, owner) or address + size > region.end:
-            _fail(WinError.ERROR_NOACCESS, f"no accessible memory at {address:#x}+{size:#x}")
+            raise_for(WinError.ERROR_NOACCESS, f"no accessible memory at {address:#x}+{size:#x}")
         first = (address - region.base) // PAGE_SIZE
-        last = (_round_up(address + size, PAGE_SIZE) - region.base) // PAGE_SIZE
+        last = (round_up(address + size, PAGE_SIZE) - region.base) // PAGE_SIZE
         runs = list(region.runs(first, last))
         guarded = [(start, stop, value) for start, stop, value in runs if value & PAGE_GUARD]
         if guarded:
             for start, stop, value in guarded:
                 region.set_pages(start, stop, value & ~PAGE_GUARD)
-            _fail(WinError.STATUS_GUARD_PAGE_VIOLATION, "guard page touched; guard cleared")
+            raise_for(WinError.STATUS_GUARD_PAGE_VIOLATION, "guard page touched; guard cleared")
         if any(not value & PAGE_READABLE for _, _, value in runs):
-            _fail(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
+            raise_for(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
         writable = all(value & PAGE_WRITABLE for _, _, value in runs)
         if region.viewers is not None and region.owner != owner:
             writable = writable and region.viewers[owner]  # as the process's views allow
         if want_write and not writable:
-            _fail(WinError.ERROR_NOACCESS, "range holds read-only pages")
+            raise_for(WinError.ERROR_NOACCESS, "range holds read-only pages")
         return writable
 
 
@@ -511,4 +545,4 @@ def check_protection(protect):
             or modifiers & PAGE_CACHE_MODIFIERS == PAGE_CACHE_MODIFIERS
             or (base == PAGE_NOACCESS and modifiers)
             or (modifiers & PAGE_GUARD and modifiers & PAGE_NOCACHE)):
-        _fail(WinError.ERROR_INVALID_PARAMETER, f"invalid page protection {protect:#x}")
+        raise_for(WinError.ERROR_INVALID_PARAMETER, f"invalid page protection {protect:#x}")

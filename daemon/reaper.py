@@ -1,7 +1,8 @@
 """The reaper: releases everything a process held when its last connection closes.
 
 Theory of operation: a process that exits, crashes or is SIGKILLed has its sockets closed by
-the kernel; the server sees end-of-file on the last one and calls `release_process` once. The
+the operating system; the server sees end-of-file on the last one, and the kernel (kernel.py)
+calls `release_process` once. The
 walk goes from the layers on top to the pages below, so nothing is freed while something above
 still points into it:
 
@@ -16,12 +17,12 @@ import logging
 log = logging.getLogger("shmheapd.reaper")
 
 
-def release_process(pid, layers):
-    """`layers` holds the daemon's global_memory, sections, heaps and pagetable."""
-    objects = layers.global_memory.release_owner(pid)
-    sections = layers.sections.release_owner(pid)
-    heap_count = layers.heaps.release_owner(pid)
-    regions, freed = layers.pagetable.release_owner(pid)
+def release_process(pid, kernel):
+    """Release what process `pid` held in each of the kernel's services, top down."""
+    objects = kernel.global_memory.release_owner(pid)
+    sections = kernel.sections.release_owner(pid)
+    heap_count = kernel.heaps.release_owner(pid)
+    regions, freed = kernel.pagetable.release_owner(pid)
     if regions or heap_count or objects or sections:
         log.info("pid %d gone: released %d global objects, %d section holds, %d heaps,"
                  " %d regions, %d bytes committed", pid, objects, sections, heap_count, regions, freed)

@@ -1,10 +1,11 @@
-"""The server: one event loop, many clients, one dispatch table.
+"""The server: one event loop, many clients, the kernel's op table.
 
 Every connection is read without blocking; whatever whole frames arrived are answered in order
 and the replies sent in one write, so pipelined requests cost one syscall each way. Nothing a
 peer sends can stop the loop: a refused request becomes an error reply, a framing violation
 closes that connection only, and an unexpected exception in a handler is logged and answered
-with ERROR_GEN_FAILURE.
+with ERROR_GEN_FAILURE. The server answers "hello" itself (it is about the connection) and
+hands every other op to the kernel (kernel.py) under the caller's pid, as SO_PEERCRED says.
 """
 
 import logging
@@ -16,9 +17,8 @@ import struct
 import time
 
 from shmheap.errors import ProtocolError, ShmheapError, WinError
-from shmheap.protocol import OPS, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
+from shmheap.protocol import HELLO, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
 
-from .reaper import release_process
 from .sessions import Session
 
 log = logging.getLogger("shmheapd.server")
@@ -28,158 +28,12 @@ MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class Handlers:
-    """One method per op of `shmheap.protocol.OPS`, named after it. Each takes the session
-    and the checked arguments and returns the result, or raises ShmheapError."""
-
-    def __init__(self, daemon_info, pagetable, heaps, global_memory, sections, sessions):
-        self.info = daemon_info
-        self.pagetable = pagetable
-        self.heaps = heaps
-        self.global_memory = global_memory
-        self.sections = sections
-        self.sessions = sessions
-
-    def hello(self, session, version, client_info):
-        if version != PROTOCOL_VERSION:
-            raise ShmheapError(WinError.ERROR_NOT_SUPPORTED,
-                               f"protocol version {version}, daemon speaks {PROTOCOL_VERSION}")
-        if not session.greeted:
-            session.greeted = True
-            self.sessions.attach(session)
-        return dict(self.info, pid=session.pid)
-
-    def echo(self, session, value):
-        return value
-
-    def system_info(self, session):
-        return dict(self.info, pid=session.pid)
-
-    def memory_status(self, session):
-        table = self.pagetable
-        free_virtual = sum(end - start for start, end in zip(table.free_starts, table.free_ends))
-        return {"commit_limit": table.commit_limit, "committed": table.committed,
-                "process_committed": table.committed_by_owner.get(session.pid, 0),
-                "process_commit_limit": table.process_commit_limit,
-                "resident": table.backing.resident_bytes(),
-                "total_virtual": table.size - self.info["min_address"],
-                "free_virtual": free_virtual}
-
-    def virtual_alloc(self, session, address, size, alloc_type, protect):
-        return self.pagetable.virtual_alloc(session.pid, address, size, alloc_type, protect)
-
-    def virtual_free(self, session, address, size, free_type):
-        return self.pagetable.virtual_free(session.pid, address, size, free_type)
-
-    def virtual_query(self, session, address):
-        return self.pagetable.virtual_query(session.pid, address)
-
-    def virtual_protect(self, session, address, size, protect):
-        return self.pagetable.virtual_protect(session.pid, address, size, protect)
-
-    def access(self, session, address, size, want_write):
-        return self.pagetable.access(session.pid, address, size, bool(want_write))
-
-    def heap_create(self, session, name, flags, reserve, commit, maximum):
-        return self.heaps.create(session.pid, name, flags, reserve, commit, maximum)
-
-    def heap_extend(self, session, handle, size):
-        return self.heaps.extend(session.pid, handle, size)
-
-    def heap_commit(self, session, handle, address, size):
-        return self.heaps.commit(session.pid, handle, address, size)
-
-    def heap_decommit(self, session, handle, address, size):
-        return self.heaps.decommit(session.pid, handle, address, size)
-
-    def heap_release(self, session, handle, base):
-        return self.heaps.release(session.pid, handle, base)
-
-    def heap_destroy(self, session, handle):
-        return self.heaps.destroy(session.pid, handle)
-
-    def heap_list(self, session):
-        return self.heaps.list()
-
-    def global_alloc(self, session, flags, size):
-        return self.global_memory.alloc(session.pid, flags, size)
-
-    def global_alloc_many(self, session, flags, sizes):
-        return self.global_memory.alloc_many(session.pid, flags, sizes)
-
-    def global_free(self, session, handle):
-        return self.global_memory.free(session.pid, handle)
-
-    def global_realloc(self, session, handle, size, flags):
-        return self.global_memory.realloc(session.pid, handle, size, flags)
-
-    def global_size(self, session, handle):
-        return self.global_memory.table.size(handle)
-
-    def global_lock(self, session, handle):
-        return self.global_memory.table.lock(handle)
-
-    def global_unlock(self, session, handle):
-        return self.global_memory.table.unlock(handle)
-
-    def global_flags(self, session, handle):
-        return self.global_memory.table.flags(handle)
-
-    def global_handle(self, session, pointer):
-        return self.global_memory.table.handle(pointer)
-
-    def global_compact(self, session, min_free):
-        return [self.global_memory.compact(session.pid), None]
-
-    def section_create(self, session, protect, size, name):
-        return self.sections.create(session.pid, protect, size, name)
-
-    def section_open(self, session, access, name):
-        return self.sections.open(session.pid, access, name)
-
-    def section_map(self, session, handle, access, offset, size):
-        return self.sections.map(session.pid, handle, access, offset, size)
-
-    def section_unmap(self, session, address):
-        return self.sections.unmap(session.pid, address)
-
-    def section_close(self, session, handle):
-        return self.sections.close(session.pid, handle)
-
-    def section_list(self, session):
-        return self.sections.list()
-
-    def status(self, session):
-        table = self.pagetable
-        return {
-            "daemon_pid": self.info["daemon_pid"],
-            "processes": [{"pid": p.pid, "connections": len(p.sessions), "started": p.started,
-                           "committed": table.committed_by_owner.get(p.pid, 0)}
-                          for p in self.sessions.processes.values()],
-            "regions": [[r.base, r.size, r.owner, r.kind, r.committed_pages]
-                        for r in (table.regions[b] for b in table.bases)],
-            "committed": table.committed,
-            "resident": table.backing.resident_bytes(),
-            "global_objects": self.global_memory.heap.live,
-            "sections": len(self.sections.by_handle),
-        }
-
-    def check(self, session):
-        try:
-            self.global_memory.heap.check()
-            return self.pagetable.check()
-        except RuntimeError as exc:
-            raise ShmheapError(WinError.ERROR_GEN_FAILURE, str(exc)) from None
-
-
 class Server:
-    def __init__(self, listener, handlers, sessions, *, allowed_uids, idle_exit):
+    def __init__(self, listener, kernel, *, allowed_uids, idle_exit):
         self.listener = listener
-        self.handlers = handlers
-        self.sessions = sessions
+        self.kernel = kernel
         self.allowed_uids = allowed_uids
         self.idle_exit = idle_exit
-        self.table = {op: getattr(handlers, op) for op in OPS}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.live = set()
@@ -204,7 +58,7 @@ class Server:
         try:
             while not self.stopping:
                 now = time.monotonic()
-                timeout = self.handlers.global_memory.housekeeping(now)
+                timeout = self.kernel.housekeeping(now)
                 if self.idle_exit and not self.live:
                     idle_left = idle_since + self.idle_exit - now
                     if idle_left <= 0:
@@ -290,15 +144,26 @@ class Server:
             msgid, op, args = parse_request(frame)
         except RequestError as exc:
             return encode_reply(exc.msgid, exc.code, str(exc))
-        if not session.greeted and op != "hello":
+        if op == HELLO:
+            return self._hello(session, msgid, *args)
+        if not session.greeted:
             return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
         try:
-            return encode_reply(msgid, 0, self.table[op](session, *args))
+            return encode_reply(msgid, 0, self.kernel.ops[op](session.pid, *args))
         except ShmheapError as exc:
             return encode_reply(msgid, exc.winerror, exc.args[0])
         except Exception:
             log.exception("handler %s failed for pid %d", op, session.pid)
             return encode_reply(msgid, WinError.ERROR_GEN_FAILURE, f"internal error in {op}")
+
+    def _hello(self, session, msgid, version, client_info):
+        if version != PROTOCOL_VERSION:
+            return encode_reply(msgid, WinError.ERROR_NOT_SUPPORTED,
+                                f"protocol version {version}, daemon speaks {PROTOCOL_VERSION}")
+        if not session.greeted:
+            session.greeted = True
+            self.kernel.attach(session)
+        return encode_reply(msgid, 0, self.kernel.system_info(session.pid))
 
     def _flush(self, session):
         out = session.outbuf
@@ -328,9 +193,7 @@ class Server:
         self.live.discard(session)
         self.selector.unregister(session.sock)
         session.sock.close()
-        process = self.sessions.detach(session)
-        if process is not None:
-            release_process(process.pid, self.handlers)
+        self.kernel.detach(session)
         log.debug("pid %d disconnected", session.pid)
 
 

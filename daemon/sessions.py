@@ -61,3 +61,14 @@ class Sessions:
             return None
         del self.processes[process.pid]
         return process
+
+    def check(self):
+        """Every process has a connection, and every connection names its process."""
+        problems = [f"process {pid} is filed wrongly or has no connection"
+                    for pid, process in self.processes.items() if process.pid != pid or not process.sessions]
+        problems += [f"a connection of pid {process.pid} names another process"
+                     for process in self.processes.values() for session in process.sessions
+                     if session.process is not process or session.pid != process.pid]
+        if problems:
+            raise RuntimeError("sessions inconsistent: " + "; ".join(problems[:10]))
+        return {"processes": len(self.processes)}

@@ -7,10 +7,13 @@ segment owned by the `shmheapd` daemon. See ../shared/DESIGN.md for the layers.
     from shmheap.win32 import VirtualAlloc, MEM_COMMIT, PAGE_READWRITE
 """
 
-from .client import Block, Client, PrivateHeap, SharedBuffer, connect
+from .client import Client, close_default, connect, default_client
 from .errors import (GuardPageError, ProtocolError, ShmheapError, ShmheapMemoryError,
                      ShmheapPermissionError, ShmheapValueError, WinError)
+from .private_heap import Block, PrivateHeap
+from .shared_buffer import SharedBuffer
 
-__all__ = ["Client", "connect", "PrivateHeap", "Block", "SharedBuffer", "WinError", "ShmheapError", "ShmheapMemoryError",
+__all__ = ["Client", "connect", "default_client", "close_default", "PrivateHeap", "Block",
+           "SharedBuffer", "WinError", "ShmheapError", "ShmheapMemoryError",
            "ShmheapPermissionError", "ShmheapValueError", "GuardPageError", "ProtocolError"]
 __version__ = "0.1.0"

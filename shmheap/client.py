@@ -1,40 +1,44 @@
-"""The client: one connection to the daemon plus the process's mapping of the segment.
+"""The client: this process's view of the daemon, the object every API call goes through.
 
-`connect()` assembles the stack: socket path, (autostarted) daemon, socket, handshake, mapping.
+`connect()` assembles the stack: socket path, connection (with its autostarted daemon and its
+handshake), the mapping of the segment, and the process heap made in the handshake's write.
 
-Calls are thread-safe: a lock covers each round trip (send, then read until the reply with our
-msgid), so threads share one connection and take turns; `call_many` pipelines a batch in one
-write and one read. After `fork()` the child never speaks on its parent's socket: a fork hook
-closes the inherited descriptor in the child, and the next call there opens a new connection
-under the child's own pid, so the child owns what it allocates and the parent keeps its own.
+A Client holds the process's mapping (`memory`, a memoryview of the whole segment: addresses
+index it), its private heaps (`heaps`, handle -> allocator), its process heap and its LocalAlloc
+objects. Its methods are of two kinds:
+
+    the stub    one method per op of `shmheap.protocol.OPS`, named after the op, returning the
+                daemon's result or raising the exception for its Win32 error. The Win32 facade
+                is built on these.
+    Pythonic    objects with lifetimes: `create_heap` and `heap` (PrivateHeap, Block), `share`,
+                `share_many`, `share_array` (SharedBuffer), `view` (checked zero-copy bytes).
+
+After `fork()` the child keeps none of its parent's heaps (using one there is an invalid
+handle) and its next call opens its own connection, under its own pid, with its own process
+heap.
 """
 
 import itertools
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import weakref
 
-import msgpack
-
 from . import segment
-from .errors import ProtocolError, ShmheapError, WinError, raise_for
-from .constants import GMEM_DDESHARE, GMEM_ZEROINIT
-from .heap import Heap, PageSource, heap_layout
+from .connection import CONNECT_TIMEOUT, Connection
+from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, MEM_COMMIT, MEM_RESERVE,
+                        MEMORY_BASIC_INFORMATION, PAGE_READWRITE)
+from .errors import ShmheapError, WinError, raise_for
+from .heap import Heap, heap_layout
 from .moveable import LOCAL, MoveableTable
-from .protocol import PROTOCOL_VERSION, encode_request, new_unpacker, parse_reply
+from .private_heap import DaemonPages, PrivateHeap
+from .shared_buffer import SharedBuffer
 
-AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
-CONNECT_TIMEOUT = 10.0
-RECV_SIZE = 64 * 1024
 PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
+_PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
 
 _clients = weakref.WeakSet()
-_connections = itertools.count()  # numbers this process's process heaps, one per connection
+_process_heaps = itertools.count()  # numbers this process's process heaps, one per connection
 
 
 def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
@@ -45,98 +49,76 @@ def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
 
 
 class Client:
-    _sock = None  # a half-built client is safe to close
+    mapping = None  # a half-built client is safe to close
+    connection = None
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT):
         self.path = path
-        self._autostart = autostart
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self.mapping = None
-        self._view = None
-        self._connect()
+        self.memory = None
+        self.info = None
+        self.pid = None
+        self.heaps = {}
+        self.process_heap = None
+        self.local_objects = None
+        self._heap_names = itertools.count(1)
+        self.connection = Connection(path, autostart=autostart, timeout=timeout,
+                                     greeting=self._greeting, on_open=self._on_open)
+        self.connection.ensure_open()
         _clients.add(self)
 
     # ---- connection ----------------------------------------------------------------------
 
-    def _connect(self):
-        sock = _open_socket(self.path, self._autostart, self._timeout)
-        self._sock = sock
-        self._unpacker = new_unpacker()
-        # A reused buffer: a fresh 256 KiB bytes per recv costs an mmap/munmap each time.
-        self._buffer = bytearray(RECV_SIZE)
-        self._buffer_view = memoryview(self._buffer)
-        self._pid = os.getpid()
-        # The handshake and the process heap in one round trip. Each connection has its own
-        # process heap (its allocator state lives in this object); the first is the one named
-        # plainly, as GetProcessHeap's.
-        reserve, commit, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
-        number = next(_connections)
+    def _greeting(self):
+        """Sent with the hello: this connection's process heap. Each connection has its own
+        (its allocator state lives in this object); the first is named plainly, as
+        GetProcessHeap's."""
+        number = next(_process_heaps)
         name = PROCESS_HEAP_NAME if number == 0 else f"{PROCESS_HEAP_NAME} #{number + 1}"
-        try:
-            (error, result), (heap_error, heap_handle) = self._roundtrip([
-                ("hello", (PROTOCOL_VERSION, {"pid": self._pid})),
-                ("heap_create", (name, 0, reserve, commit, 0))])
-            if error:
-                raise_for(error, f"handshake refused: {result}")
-            if heap_error:
-                raise_for(heap_error, f"no process heap: {heap_handle}")
-        except BaseException:
-            self._drop_socket()
-            raise
+        return [("heap_create", (name, 0, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0))]
+
+    def _on_open(self, info, results):
+        (handle,) = results
+        if isinstance(handle, ShmheapError):
+            raise_for(handle.winerror, f"no process heap: {handle.args[0]}")
         if self.mapping is None:
-            self.mapping = segment.map_segment(result["segment"], result["size"])
-            self._view = memoryview(self.mapping)
-        elif result["generation"] != self.info["generation"]:
-            self._drop_socket()
-            raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "the daemon restarted; reconnect")
-        self.info = result
-        self.pid = result["pid"]  # as the daemon sees us (SO_PEERCRED)
-        # Heaps belong to the process that made them: a forked child starts with none.
+            self.mapping = segment.map_segment(info["segment"], info["size"])
+            self.memory = memoryview(self.mapping)
+        self.info = info
+        self.pid = info["pid"]  # as the daemon sees us (SO_PEERCRED)
+        # Heaps belong to the connection that made them: a new connection starts with none.
         self.heaps = {}
-        self._heap_names = itertools.count(1)
-        self.process_heap = self._adopt_heap(heap_handle, reserve, commit, 0, True)
+        self.process_heap = self._adopt_heap(handle, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0, True)
         self.local_objects = MoveableTable(self.process_heap, LOCAL)  # LocalAlloc's objects
 
     def _adopt_heap(self, handle, reserve, commit, flags, growable):
-        heap = Heap(_DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)
+        heap = Heap(DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)
         self.heaps[handle] = heap
         return heap
 
-    def _drop_socket(self):
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
     def _after_fork_in_child(self):
-        # The inherited socket is the parent's conversation: close our copy of the descriptor
-        # (the parent's stays open) and start afresh on the next call. The parent's heaps are
-        # the parent's: their copies here must never carve the shared pages again.
-        self._lock = threading.Lock()
-        self._drop_socket()
+        # The parent's heaps are the parent's: their copies here must never carve the shared
+        # pages again. The connection reopens (with a process heap of our own) on next use.
         self.heaps = {}
         self.process_heap = None
         self.local_objects = None
 
     def ensure_connected(self):
         """Reconnect if needed (after fork, or a lost connection); returns self."""
-        if self._sock is None:
-            with self._lock:
-                if self._sock is None:
-                    self._reconnect()
+        if self.connection.sock is None:
+            self.connection.ensure_open()
         return self
 
     @property
     def closed(self):
-        return self._sock is None and self.mapping is None
+        return self.mapping is None
 
     def close(self):
-        self._drop_socket()
+        if self.connection is not None:
+            self.connection.close()
         _clients.discard(self)
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
         if self.mapping is not None:
             try:
                 self.mapping.close()
@@ -150,82 +132,62 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- calls ---------------------------------------------------------------------------
+    # ---- the stub: one method per op -------------------------------------------------------
 
-    def call_raw(self, op, *args):
-        """One request; returns (error, result) without raising for Win32 errors."""
-        with self._lock:
-            if self._sock is None:
-                self._reconnect()
-            msgid = next(self._ids)
-            return self._exchange(encode_request(msgid, op, args), (msgid,))[0]
+    def echo(self, value):
+        return self.connection.call("echo", value)
 
-    def call(self, op, *args):
-        """One request; returns its result or raises the exception for its Win32 error."""
-        error, result = self.call_raw(op, *args)
-        if error:
-            raise_for(error, result if isinstance(result, str) else None)
-        return result
+    def echo_many(self, values):
+        """Every value echoed in one pipelined write (what a batch of requests costs)."""
+        return self.connection.call_many([("echo", (value,)) for value in values])
 
-    def call_many(self, requests):
-        """Pipeline [(op, args), ...] in one write; returns [(error, result), ...] in order."""
-        with self._lock:
-            if self._sock is None:
-                self._reconnect()
-            return self._roundtrip(requests)
+    def system_info(self):
+        """The daemon's hello: segment name and size, page size, granularity, limits, pids."""
+        return self.connection.call("system_info")
 
-    def _reconnect(self):
-        """Under the lock: a new connection after close, loss, or fork (not after close())."""
-        if self.mapping is None:
-            raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "client is closed")
-        self._connect()
+    def memory_status(self):
+        """Commit limit and total, this process's commit, resident bytes, virtual space."""
+        return self.connection.call("memory_status")
 
-    def _roundtrip(self, requests):
-        """Under the lock: number, send and await [(op, args), ...] on the open socket."""
-        ids = [next(self._ids) for _ in requests]
-        return self._exchange(b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)]), ids)
+    def virtual_alloc(self, address, size, alloc_type=MEM_COMMIT | MEM_RESERVE, protect=PAGE_READWRITE):
+        """Reserve and/or commit pages (address 0: anywhere); returns the base address."""
+        return self.connection.call("virtual_alloc", address, size, alloc_type, protect)
 
-    def _exchange(self, payload, ids):
-        """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
-        replies = {}
-        send_error = None
-        try:
-            try:
-                self._sock.sendall(payload)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                send_error = exc  # the daemon may have said why before it closed: read on
-            while len(replies) < len(ids):
-                received = self._sock.recv_into(self._buffer)
-                if not received:
-                    raise ProtocolError(WinError.ERROR_GEN_FAILURE,
-                                        f"the daemon closed the connection{f' ({send_error})' if send_error else ''}")
-                try:
-                    self._unpacker.feed(self._buffer_view[:received])
-                    frames = list(self._unpacker)
-                except (ValueError, msgpack.UnpackException) as exc:
-                    raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"malformed reply: {exc}") from None
-                for frame in frames:
-                    msgid, error, result = parse_reply(frame)
-                    if msgid == 0 and error:  # refused before any request (foreign uid)
-                        raise_for(error, result)
-                    replies[msgid] = (error, result)
-        except ShmheapError:
-            self._drop_socket()
-            raise
-        except OSError as exc:
-            self._drop_socket()
-            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
-        return [replies[msgid] for msgid in ids]
+    def virtual_free(self, address, size, free_type):
+        """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0)."""
+        return self.connection.call("virtual_free", address, size, free_type)
 
-    # ---- heaps ---------------------------------------------------------------------------
+    def virtual_query(self, address):
+        return MEMORY_BASIC_INFORMATION(*self.connection.call("virtual_query", address))
+
+    def virtual_protect(self, address, size, protect):
+        """Change the protection of committed pages; returns the old protection."""
+        return self.connection.call("virtual_protect", address, size, protect)
+
+    def access(self, address, size, want_write):
+        """May this process view [address, address+size)? True: writable, False: read-only;
+        raises ShmheapPermissionError otherwise (GuardPageError once for guard pages)."""
+        return self.connection.call("access", address, size, int(want_write))
 
     def heap_create(self, flags=0, initial=0, maximum=0, name=None):
         """Create a private heap and return the allocator (shmheap.heap.Heap) itself; the
         Win32 facade's HeapCreate. `create_heap` is the Pythonic form."""
         reserve, commit, growable = heap_layout(initial, maximum)
         name = name or f"heap {next(self._heap_names)}"
-        handle = self.call("heap_create", name, flags, reserve, commit, maximum)
+        handle = self.connection.call("heap_create", name, flags, reserve, commit, maximum)
         return self._adopt_heap(handle, reserve, commit, flags, growable)
+
+    def heap_extend(self, handle, size):
+        return self.connection.call("heap_extend", handle, size)
+
+    def heap_commit(self, handle, address, size):
+        self.connection.call("heap_commit", handle, address, size)
+
+    def heap_decommit(self, handle, address, size):
+        self.connection.call("heap_decommit", handle, address, size)
+
+    def heap_release(self, handle, base):
+        self.connection.call("heap_release", handle, base)
 
     def heap_destroy(self, heap):
         """Release every page of `heap` (not the process heap), whatever is still allocated."""
@@ -233,10 +195,80 @@ class Client:
             raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap cannot be destroyed")
         if self.heaps.get(heap.base) is not heap:
             raise_for(WinError.ERROR_INVALID_HANDLE, "not a live heap of this process")
-        self.call("heap_destroy", heap.base)
+        self.connection.call("heap_destroy", heap.base)
         del self.heaps[heap.base]
-        heap.segments = []
-        heap.large.clear()
+        heap.abandon()
+
+    def heap_list(self):
+        """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
+        return self.connection.call("heap_list")
+
+    def global_alloc(self, flags, size):
+        """GlobalAlloc: a fixed object's address, or a moveable object's handle."""
+        return self.connection.call("global_alloc", flags, size)
+
+    def global_alloc_many(self, flags, sizes):
+        """Many global objects in one round trip, all or none."""
+        return self.connection.call("global_alloc_many", flags, sizes)
+
+    def global_free(self, handle):
+        self.connection.call("global_free", handle)
+
+    def global_realloc(self, handle, size, flags):
+        return self.connection.call("global_realloc", handle, size, flags)
+
+    def global_size(self, handle):
+        return self.connection.call("global_size", handle)
+
+    def global_lock(self, handle):
+        """The data pointer; a moveable object's lock count goes up."""
+        return self.connection.call("global_lock", handle)
+
+    def global_unlock(self, handle):
+        """True while the object stays locked."""
+        return self.connection.call("global_unlock", handle)
+
+    def global_flags(self, handle):
+        return self.connection.call("global_flags", handle)
+
+    def global_handle(self, pointer):
+        return self.connection.call("global_handle", pointer)
+
+    def global_compact(self, min_free=0):
+        """Move unlocked moveable objects together; returns the largest free block."""
+        return self.connection.call("global_compact", min_free)
+
+    def section_create(self, protect, size, name=None):
+        """A named section (or a handle to the existing one of that name): (handle, existed)."""
+        handle, existed = self.connection.call("section_create", protect, size, name)
+        return handle, existed
+
+    def section_open(self, access, name):
+        return self.connection.call("section_open", access, name)
+
+    def section_map(self, handle, access, offset=0, size=0):
+        """The address of a view (size 0: to the end of the section)."""
+        return self.connection.call("section_map", handle, access, offset, size)
+
+    def section_unmap(self, address):
+        return self.connection.call("section_unmap", address)
+
+    def section_close(self, handle):
+        return self.connection.call("section_close", handle)
+
+    def section_list(self):
+        """Every section: handle, name, address, size, protection, holders and views."""
+        return self.connection.call("section_list")
+
+    def status(self):
+        """Processes, regions, commit and resident bytes, global objects, sections."""
+        return self.connection.call("status")
+
+    def check(self):
+        """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
+        return self.connection.call("check")
+
+    # ---- heaps ---------------------------------------------------------------------------
 
     def create_heap(self, name=None, initial=0, maximum=0, *, flags=0):
         """A private heap of this process, as an object; `maximum` 0 makes it growable.
@@ -262,7 +294,7 @@ class Client:
         if any(size < 0 for size in sizes):
             raise_for(WinError.ERROR_INVALID_PARAMETER, "sizes must not be negative")
         flags = (GMEM_ZEROINIT if zero else 0) | (GMEM_DDESHARE if keep else 0)
-        addresses = self.call("global_alloc_many", flags, sizes)
+        addresses = self.global_alloc_many(flags, sizes)
         return [SharedBuffer(self, address, size, owner=True) for address, size in zip(addresses, sizes)]
 
     def share_array(self, shape, dtype="float64", *, zero=False, keep=False):
@@ -275,267 +307,44 @@ class Client:
         buffer = self.share(count * dtype.itemsize, zero=zero, keep=keep)
         return buffer, buffer.numpy(dtype, shape)
 
-    def heap_list(self):
-        """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
-        return self.call("heap_list")
+    def free_many(self, buffers):
+        """Free SharedBuffers in one pipelined write. Every one is tried; then the first
+        failure, if any, is raised."""
+        self.connection.call_many([("global_free", (buffer.address,)) for buffer in buffers])
 
-    # ---- memory --------------------------------------------------------------------------
+    # ---- bytes ---------------------------------------------------------------------------
 
     def view(self, address, size, *, write=False):
         """A zero-copy memoryview of [address, address+size), checked by the daemon: the
         pages must be committed, readable and ours (or shared); read-only pages give a
         read-only view, and `write=True` insists on a writable one."""
         if size == 0:
-            return self._view[0:0]
-        writable = self.call("access", address, size, int(write))
-        mv = self._view[address:address + size]
-        return mv if writable else mv.toreadonly()
+            return self.memory[0:0]
+        writable = self.access(address, size, write)
+        view = self.memory[address:address + size]
+        return view if writable else view.toreadonly()
 
     def raw_view(self, address, size):
         """The bytes at [address, address+size) with no check at all: the whole segment is
         mapped in every process, as any kernel's memory is to a debugger."""
-        if address < 0 or size < 0 or address + size > len(self._view):
+        if address < 0 or size < 0 or address + size > len(self.memory):
             raise ValueError("range outside the segment")
-        return self._view[address:address + size]
-
-    def status(self):
-        return self.call("status")
-
-    def check(self):
-        """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
-        return self.call("check")
+        return self.memory[address:address + size]
 
 
-class PrivateHeap:
-    """A heap of this process. Blocks come from an allocator running here, so `alloc` and
-    `Block.free` make no round trip to the daemon unless the heap's commit must change."""
-
-    def __init__(self, client, heap):
-        self._client = client
-        self._heap = heap
-
-    @property
-    def handle(self):
-        return self._heap.base
-
-    def _live(self):
-        """The allocator, if this heap is still one of this process's (not destroyed, and
-        not a parent's heap seen from a forked child)."""
-        heap = self._heap
-        if self._client.heaps.get(heap.base) is not heap:
-            raise_for(WinError.ERROR_INVALID_HANDLE, "heap destroyed or of another process")
-        return heap
-
-    def alloc(self, size, *, zero=False):
-        if size < 0:
-            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be negative")
-        heap = self._live()
-        with heap.lock:
-            return Block(self, heap.alloc(size, zero=zero))
-
-    def validate(self):
-        with self._heap.lock:
-            return self._heap.validate()
-
-    def compact(self):
-        with self._heap.lock:
-            return self._heap.compact()
-
-    @property
-    def committed(self):
-        return self._heap.committed
-
-    @property
-    def live_blocks(self):
-        return self._heap.live
-
-    def destroy(self):
-        with self._heap.lock:
-            self._client.heap_destroy(self._heap)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self._heap is not self._client.process_heap and self._heap.segments:
-            self.destroy()
-
-
-class Block:
-    """A heap block: `address` and exact `size`, with zero-copy views of its bytes."""
-
-    __slots__ = ("heap", "address", "__weakref__")
-
-    def __init__(self, heap, address):
-        self.heap = heap
-        self.address = address
-
-    @property
-    def size(self):
-        heap = self.heap._live()
-        with heap.lock:
-            return heap.size(self.address)
-
-    def view(self):
-        """A writable memoryview of the block's bytes (no copy, no round trip)."""
-        return self.heap._client._view[self.address:self.address + self.size]
-
-    def numpy(self, dtype="uint8", shape=None):
-        """A numpy array over the block's bytes (no copy). Needs numpy (the `numpy` extra)."""
-        import numpy
-
-        array = numpy.frombuffer(self.view(), dtype=dtype)
-        return array if shape is None else array.reshape(shape)
-
-    def resize(self, size, *, zero=False, in_place=False):
-        """HeapReAlloc: keeps the first min(old, new) bytes; the address may change unless
-        `in_place`, which raises MemoryError if the block cannot grow where it is."""
-        heap = self.heap._live()
-        with heap.lock:
-            self.address = heap.realloc(self.address, size, zero=zero, in_place_only=in_place)
-        return self
-
-    def free(self):
-        heap = self.heap._live()
-        with heap.lock:
-            heap.free(self.address)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-
-    def __repr__(self):
-        return f"Block(address={self.address:#x}, size={self.size})"
-
-
-class SharedBuffer:
-    """Bytes in global memory that every connected process can use, with no copy.
-
-    Pickling sends only (address, size, socket): the receiving process (a pool worker,
-    whatever the start method) reattaches through its own mapping of the segment, with no
-    round trip to the daemon. Ownership: the process that created the buffer owns it; it is
-    freed by `free()` (from any process), or when the owner exits unless made with
-    keep=True. A receiver must not use a buffer after its owner freed it: hand buffers out
-    for as long as the owner keeps them (as a pool does until its results are in)."""
-
-    __slots__ = ("client", "address", "size", "owner", "__weakref__")
-
-    def __init__(self, client, address, size, *, owner=False):
-        self.client = client
-        self.address = address
-        self.size = size
-        self.owner = owner  # made by this process (a received copy is not the owner)
-
-    @property
-    def handle(self):
-        return self.address  # a fixed global object's handle is its address
-
-    def view(self):
-        return self.client._view[self.address:self.address + self.size]
-
-    def numpy(self, dtype="uint8", shape=None):
-        import numpy
-
-        array = numpy.frombuffer(self.view(), dtype=dtype)
-        return array if shape is None else array.reshape(shape)
-
-    def free(self):
-        value, error = self.client.call("global_free", self.address)
-        if value:
-            raise_for(error or WinError.ERROR_INVALID_HANDLE, f"buffer {self.address:#x} was not live")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.owner:
-            self.free()
-
-    def __reduce__(self):
-        return _attach_buffer, (self.address, self.size, self.client.path)
-
-    def __repr__(self):
-        return f"SharedBuffer(address={self.address:#x}, size={self.size})"
-
-
-_attached = {}  # socket path -> the client received buffers use in this process
-
-
-def _attach_buffer(address, size, path):
-    """Unpickling a SharedBuffer: map it through a client of this process for `path` (the
-    default one if it matches, else one opened once and kept)."""
-    client = _default if _default is not None and _default.path == path else _attached.get(path)
-    if client is None or client.mapping is None:
-        client = _attached[path] = connect(path, autostart=False)
-    return SharedBuffer(client, address, size)
-
-
-class _DaemonPages(PageSource):
-    """A private heap's page source: regions and commits from the daemon, by RPC."""
-
-    def __init__(self, client, handle):
-        self.client = client
-        self.handle = handle
-        self.memory = client._view
-
-    def reserve(self, size):
-        return self.client.call("heap_extend", self.handle, size)
-
-    def commit(self, address, size):
-        self.client.call("heap_commit", self.handle, address, size)
-
-    def decommit(self, address, size):
-        self.client.call("heap_decommit", self.handle, address, size)
-
-    def release(self, base):
-        self.client.call("heap_release", self.handle, base)
-
-
-def _open_socket(path, autostart, timeout):
-    """A connected socket to the daemon on `path`, starting one if allowed and needed."""
-    deadline = time.monotonic() + timeout
-    started = None
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            if not autostart:
-                raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"no shmheapd on {path}: {exc.strerror}") from None
-        except BaseException:
-            sock.close()
-            raise
-        if started is None:
-            started = _start_daemon(path)
-        if time.monotonic() > deadline:
-            raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}")
-        time.sleep(0.01)
-
-
-def _start_daemon(path):
-    """Start a detached daemon on `path` that exits when idle; it logs beside its socket."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    idle = os.environ.get("SHMHEAP_IDLE_EXIT", str(AUTOSTART_IDLE_EXIT))
-    with open(os.path.join(folder, "shmheapd.log"), "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "shmheapd", "--socket", path, "--idle-exit", idle],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-
+# ---- the default client --------------------------------------------------------------------
 
 _default = None
 _default_lock = threading.Lock()
+_by_path = {}  # socket path -> a client opened for buffers received from that daemon
 
 
 def default_client():
-    """The connection the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart)."""
+    """The client the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart),
+    and connected again after fork."""
     global _default
     client = _default
-    if client is not None and client._sock is not None:
+    if client is not None and client.process_heap is not None:
         return client
     with _default_lock:
         if _default is None or _default.closed:
@@ -551,10 +360,22 @@ def close_default():
             _default = None
 
 
+def client_for(path):
+    """A client of this process for the daemon on `path`: the default one if it is that
+    daemon's, else one opened (without autostart) and kept for later calls."""
+    client = _default
+    if client is not None and client.path == path and not client.closed:
+        return client
+    client = _by_path.get(path)
+    if client is None or client.closed:
+        client = _by_path[path] = connect(path, autostart=False)
+    return client
+
+
 def _after_fork_in_child():
-    global _default_lock, _connections
+    global _default_lock, _process_heaps
     _default_lock = threading.Lock()
-    _connections = itertools.count()
+    _process_heaps = itertools.count()
     for client in list(_clients):
         client._after_fork_in_child()
 

@@ -1,7 +1,10 @@
-"""Win32 memory-management constants under their Win32 names and values (winnt.h, winbase.h).
+"""Win32 memory-management constants and structures under their Win32 names and values
+(winnt.h, winbase.h).
 
-Shared by the client facade and the daemon, which validates flags against them.
+Shared by the client, the facade and the daemon, which validates flags against them.
 """
+
+from dataclasses import dataclass
 
 # VirtualAlloc flAllocationType / VirtualFree dwFreeType / MEMORY_BASIC_INFORMATION.State
 MEM_COMMIT = 0x00001000
@@ -88,3 +91,16 @@ FILE_MAP_EXECUTE = 0x0020
 FILE_MAP_ALL_ACCESS = 0x000F001F
 
 INVALID_HANDLE_VALUE = 2**64 - 1
+
+
+@dataclass(slots=True)
+class MEMORY_BASIC_INFORMATION:
+    """VirtualQuery's answer: the run of like pages at an address."""
+
+    BaseAddress: int
+    AllocationBase: int
+    AllocationProtect: int
+    RegionSize: int
+    State: int
+    Protect: int
+    Type: int

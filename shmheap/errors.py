@@ -118,5 +118,10 @@ def error_class(code):
     return _ERROR_CLASSES.get(code, ShmheapError)
 
 
+def error_for(code, message=None):
+    """The exception (not raised) for a Win32 error code."""
+    return error_class(code)(code, message)
+
+
 def raise_for(code, message=None):
-    raise error_class(code)(code, message)
+    raise error_for(code, message)

@@ -2,19 +2,19 @@
 
 Theory of operation
 -------------------
-A heap owns *segments*: regions it reserved from its page source. The first one starts with
+A heap owns the *regions* it reserved from its page source. The first one starts with
 HEAP_HEADER bytes that are never handed out (where Windows keeps its heap header; keeping the
-span unused gives a fixed heap the capacity Windows gives, HC-09/HC-10). Each segment is
+span unused gives a fixed heap the capacity Windows gives, HC-09/HC-10). Each region is
 committed from its base up to a watermark; above it the pages are only reserved.
 
-All metadata is out of band, in Python objects; nothing in the segment describes a block, so
+All metadata is out of band, in Python objects; nothing in the region describes a block, so
 an overrun can corrupt data but never the allocator. Blocks are 16-byte aligned and come in
 three kinds, by size:
 
-    small   size <= SMALL_MAX (16 KiB): a slot in a *run*, pages cut into equal slots of one
-            size class (every multiple of 16 up to 1 KiB in one-page runs, then four classes
-            per power of two up to 16 KiB in 64 KiB runs; a run is filed under each of its
-            pages). A run keeps the exact size of each slot in an array('H') and its free
+    small   size <= SMALL_MAX (16 KiB): a slot in a *slab*, pages cut into equal slots of one
+            size class (every multiple of 16 up to 1 KiB in one-page slabs, then four classes
+            per power of two up to 16 KiB in 64 KiB slabs; a slab is filed under each of its
+            pages). A slab keeps the exact size of each slot in an array('H') and its free
             slots on a stack, so alloc and free are a pop and a push: about two bytes of
             metadata per live block, and no search.
     medium  up to LARGE_THRESHOLD: carved from the heap's free ranges, found by segregated
@@ -26,18 +26,18 @@ three kinds, by size:
     large   above LARGE_THRESHOLD (0xFE000, Windows' virtual-memory threshold on 64-bit): a
             region of its own, released when freed. Fixed-size heaps refuse them (HC-11).
 
-Commit grows a segment's watermark in COMMIT_STEP (64 KiB) steps; a free range that reaches
+Commit grows a region's watermark in COMMIT_STEP (64 KiB) steps; a free range that reaches
 the watermark is decommitted in the same steps once more than DECOMMIT_SLACK lies free there
 (hysteresis, so a loop of alloc and free at the edge does not commit and decommit each time).
-Extension segments that become empty are released. When the last live block goes, the heap
-returns to its starting commit. Runs that empty are dissolved back into free ranges, except
-the one run per size class that allocation is using.
+Extension regions that become empty are released. When the last live block goes, the heap
+returns to its starting commit. Slabs that empty are dissolved back into free ranges, except
+the one slab per size class that allocation is using.
 
 With checking on (HEAP_TAIL_CHECKING_ENABLED / HEAP_FREE_CHECKING_ENABLED), every block gets
 at least 16 bytes of tail filled with TAIL_FILL and every free byte holds FREE_FILL, so
 `validate()` finds overruns and writes after free.
 
-`check()` walks all of it: free ranges coalesced and in their bins, runs consistent, no two
+`check()` walks all of it: free ranges coalesced and in their bins, slabs consistent, no two
 blocks overlapping, live + free + header == committed.
 """
 
@@ -47,24 +47,23 @@ from array import array
 from .constants import (HEAP_CREATE_ENABLE_EXECUTE, HEAP_FREE_CHECKING_ENABLED,
                         HEAP_TAIL_CHECKING_ENABLED)
 from .errors import ShmheapError, WinError, raise_for
+from .segment import ALLOCATION_GRANULARITY, PAGE_SHIFT, PAGE_SIZE, round_up
 
 ALIGN = 16
-PAGE = 4096
-GRANULE = 64 * 1024
-HEAP_HEADER = 0x400 + 0x100 * 8  # bytes of the first segment never handed out (HC-09/HC-10)
+HEAP_HEADER = 0x400 + 0x100 * 8  # bytes of the first region never handed out (HC-09/HC-10)
 SMALL_MAX = 16 * 1024
-TINY_MAX = 1024  # classes up to here are exact multiples of 16, in one-page runs
-BIG_RUN = 64 * 1024  # run size of the classes above TINY_MAX
+TINY_MAX = 1024  # classes up to here are exact multiples of 16, in one-page slabs
+BIG_SLAB = 64 * 1024  # slab size of the classes above TINY_MAX
 LARGE_THRESHOLD = 0xFE000  # larger blocks get a region of their own (HC-11, HC-13)
 MAX_REQUEST = 2**62  # anything larger cannot be satisfied: fail before doing arithmetic on it
 COMMIT_STEP = 64 * 1024
 DECOMMIT_SLACK = 2 * COMMIT_STEP
 MIN_COMMIT = 0x400 * 8  # a new heap commits at least this (HW-01: dwCommittedSize 0x2000)
-FIRST_EXTENSION = 0x100000  # growable heaps add segments of 1 MiB, doubling (HC-08)
+FIRST_EXTENSION = 0x100000  # growable heaps add regions of 1 MiB, doubling (HC-08)
 MAX_EXTENSION = 0xFD0000
 TAIL_FILL = 0xAB
 FREE_FILL = 0xFE
-SLOT_FREE = 0xFFFF  # size marker of a free slot in a run
+SLOT_FREE = 0xFFFF  # size marker of a free slot in a slab
 
 # Size classes: every multiple of 16 up to 1 KiB, then four per power of two up to 16 KiB.
 CLASS_SIZES = [0] + list(range(ALIGN, TINY_MAX + 1, ALIGN)) + [
@@ -73,13 +72,9 @@ _CLASS_OF = bytes(next(i for i, c in enumerate(CLASS_SIZES) if c >= extent) if e
                   for extent in range(0, SMALL_MAX + 1, ALIGN))  # indexed by extent // 16
 
 
-def _round_up(value, unit):
-    return -(-value // unit) * unit
-
-
 def _large_pages(size):
     """Bytes a large block keeps committed: its pages, never fewer than one."""
-    return max(_round_up(size, PAGE), PAGE)
+    return max(round_up(size, PAGE_SIZE), PAGE_SIZE)
 
 
 def _bin_of(size):
@@ -99,21 +94,17 @@ def _bin_floor(index):
 
 
 def heap_layout(initial, maximum):
-    """(reserve, commit, growable) of a new heap's first segment, as HeapCreate sizes it:
+    """(reserve, commit, growable) of a new heap's first region, as HeapCreate sizes it:
     a growable heap (maximum 0) reserves initial + 64 KiB (HC-07); a fixed one its maximum
     rounded up to 0x2000 (HC-06). Both commit the initial size, at least MIN_COMMIT."""
     if initial > MAX_REQUEST or maximum > MAX_REQUEST:
-        _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "heap size too large")
-    initial = _round_up(initial, PAGE)
+        raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "heap size too large")
+    initial = round_up(initial, PAGE_SIZE)
     if maximum:
-        reserve = _round_up(max(maximum, initial), 0x2000)
+        reserve = round_up(max(maximum, initial), 0x2000)
     else:
-        reserve = initial + GRANULE
+        reserve = initial + ALLOCATION_GRANULARITY
     return reserve, min(max(initial, MIN_COMMIT), reserve), not maximum
-
-
-def _fail(code, message=None):
-    raise_for(code, message)  # the exception class that fits the code (MemoryError, ValueError)
 
 
 class PageSource:
@@ -136,22 +127,32 @@ class PageSource:
     def release(self, base):
         raise NotImplementedError
 
+    def allocate(self, size, commit):
+        """Reserve a region of `size` bytes and commit its first `commit`: both or neither."""
+        base = self.reserve(size)
+        try:
+            self.commit(base, commit)
+        except ShmheapError:
+            self.release(base)
+            raise
+        return base
 
-class Segment:
+
+class HeapRegion:
     __slots__ = ("base", "reserved", "committed_end", "start")
 
     def __init__(self, base, reserved, committed_end, start):
         self.base = base
         self.reserved = reserved
         self.committed_end = committed_end
-        self.start = start  # first usable address (after the header in the first segment)
+        self.start = start  # first usable address (after the header in the first region)
 
     @property
     def end(self):
         return self.base + self.reserved
 
 
-class Run:
+class Slab:
     __slots__ = ("base", "size", "block", "cls", "sizes", "free", "live")
 
     def __init__(self, base, size, cls):
@@ -166,7 +167,7 @@ class Run:
 
 
 class Heap:
-    """One heap: its segments, free ranges, runs, medium and large blocks."""
+    """One heap: its regions, free ranges, slabs, medium and large blocks."""
 
     def __init__(self, source, base, reserved, committed, *, flags=0, growable=True):
         self.source = source
@@ -178,8 +179,8 @@ class Heap:
         self.protect = 0x40 if flags & HEAP_CREATE_ENABLE_EXECUTE else 0x04
         self.lock = threading.RLock()
         self.base = base
-        self.segments = [Segment(base, reserved, base + committed, base + HEAP_HEADER)]
-        self.segment_bases = {base}  # free ranges never coalesce across a segment start
+        self.regions = [HeapRegion(base, reserved, base + committed, base + HEAP_HEADER)]
+        self.region_bases = {base}  # free ranges never coalesce across a region start
         self.initial_commit = committed
         self.grown = False  # committed past the start since the heap was last empty
         self.next_extension = FIRST_EXTENSION
@@ -187,10 +188,10 @@ class Heap:
         self.free_end = {}  # end -> start
         self.bins = [set() for _ in range(_bin_of(MAX_REQUEST) + 1)]
         self.bitmap = 0
-        self.runs = {}  # page number -> Run, for every page of every run
-        self.run_set = set()
-        self.current = [None] * len(CLASS_SIZES)  # the run each class allocates from
-        self.partial = [[] for _ in CLASS_SIZES]  # runs with free slots, not current
+        self.slabs = {}  # page number -> Slab, for every page of every slab
+        self.slab_set = set()
+        self.current = [None] * len(CLASS_SIZES)  # the slab each class allocates from
+        self.partial = [[] for _ in CLASS_SIZES]  # slabs with free slots, not current
         self.medium = {}  # address -> requested size
         self.large = {}  # address -> requested size (the region base is the address)
         # Freed large regions kept committed for the next large block, up to this many bytes
@@ -199,22 +200,20 @@ class Heap:
         self.large_cache_limit = 0
         self.large_cache = {}  # region base -> committed bytes
         self.live = 0
-        if self.checking:
-            self._fill(base + HEAP_HEADER, committed - HEAP_HEADER, FREE_FILL)
-        self._add_free(base + HEAP_HEADER, base + committed)
+        self._add_committed(base + HEAP_HEADER, base + committed)
 
     # ---- free ranges ---------------------------------------------------------------------
 
     def _add_free(self, start, end):
-        """Insert free [start, end), coalescing with neighbours in the same segment."""
+        """Insert free [start, end), coalescing with neighbours in the same region."""
         if start >= end:
             return
         left = self.free_end.get(start)
-        if left is not None and not self._is_segment_start(start):
+        if left is not None and not self._is_region_start(start):
             self._unlink(left, start)
             start = left
         right = self.free_start.get(end)
-        if right is not None and not self._is_segment_start(end):
+        if right is not None and not self._is_region_start(end):
             self._unlink(end, right)
             end = right
         self.free_start[start] = end
@@ -232,8 +231,8 @@ class Heap:
         if not members:
             self.bitmap &= ~(1 << index)
 
-    def _is_segment_start(self, address):
-        return address in self.segment_bases
+    def _is_region_start(self, address):
+        return address in self.region_bases
 
     def _find_fit(self, size):
         """Start of a free range of at least `size` bytes, or None (segregated fit)."""
@@ -260,89 +259,96 @@ class Heap:
             start = self._grow(size + align - ALIGN)
         end = self.free_start[start]
         self._unlink(start, end)
-        address = _round_up(start, align)
+        address = round_up(start, align)
         self._add_free(start, address)
         self._add_free(address + size, end)
         return address
 
     def _grow(self, size):
-        """Make a free range of at least `size` bytes by committing more of a segment, or by
-        adding a segment to a growable heap. Returns its start."""
-        for segment in self.segments:
-            top = self.free_end.get(segment.committed_end, segment.committed_end)
-            if top + size <= segment.end:
-                self._commit_to(segment, min(_round_up(top + size, COMMIT_STEP), segment.end))
+        """Make a free range of at least `size` bytes by committing more of a region, or by
+        adding a region to a growable heap. Returns its start."""
+        for region in self.regions:
+            top = self.free_end.get(region.committed_end, region.committed_end)
+            if top + size <= region.end:
+                self._commit_to(region, min(round_up(top + size, COMMIT_STEP), region.end))
                 return top
         if not self.growable:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "the heap is full (fixed maximum size)")
-        reserve = max(self.next_extension, _round_up(size, GRANULE))
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "the heap is full (fixed maximum size)")
+        reserve = max(self.next_extension, round_up(size, ALLOCATION_GRANULARITY))
         self.next_extension = min(self.next_extension * 2, MAX_EXTENSION)
-        base = self.source.reserve(reserve)
-        segment = Segment(base, reserve, base, base)
-        self.segments.append(segment)
-        self.segment_bases.add(base)
-        try:
-            self._commit_to(segment, min(_round_up(base + size, COMMIT_STEP), segment.end))
-        except ShmheapError:
-            self.segments.pop()
-            self.segment_bases.discard(base)
-            self.source.release(base)
-            raise
+        commit = min(round_up(size, COMMIT_STEP), reserve)
+        base = self.source.allocate(reserve, commit)
+        self.grown = True
+        self.regions.append(HeapRegion(base, reserve, base + commit, base))
+        self.region_bases.add(base)
+        self._add_committed(base, base + commit)
         return base
 
-    def _commit_to(self, segment, new_end):
+    def _commit_to(self, region, new_end):
         self.grown = True  # may hold more than the starting commit: reset when empty
-        old_end = segment.committed_end
+        old_end = region.committed_end
         self.source.commit(old_end, new_end - old_end)
-        segment.committed_end = new_end
-        if self.checking:
-            self._fill(old_end, new_end - old_end, FREE_FILL)
-        self._add_free(old_end, new_end)
+        region.committed_end = new_end
+        self._add_committed(old_end, new_end)
 
-    def _trim(self, segment):
-        """Decommit the free top of `segment` beyond the slack; release an empty extension."""
-        top = self.free_end.get(segment.committed_end)
+    def _add_committed(self, start, end):
+        """Newly committed [start, end) becomes free space."""
+        if self.checking:
+            self._fill(start, end - start, FREE_FILL)
+        self._add_free(start, end)
+
+    def _trim(self, region):
+        """Decommit the free top of `region` beyond the slack; release an empty extension."""
+        top = self.free_end.get(region.committed_end)
         if top is None:
             return
-        if segment is not self.segments[0] and top == segment.start:
-            self._unlink(top, segment.committed_end)
-            self.segments.remove(segment)
-            self.segment_bases.discard(segment.base)
-            self.source.release(segment.base)
+        if region is not self.regions[0] and top == region.start:
+            self._unlink(top, region.committed_end)
+            self.regions.remove(region)
+            self.region_bases.discard(region.base)
+            self.source.release(region.base)
             return
-        floor = self.base + self.initial_commit if segment is self.segments[0] else segment.base
-        if segment.committed_end - max(top, floor) <= DECOMMIT_SLACK:
+        floor = self.base + self.initial_commit if region is self.regions[0] else region.base
+        if region.committed_end - max(top, floor) <= DECOMMIT_SLACK:
             return
-        new_end = max(_round_up(top, COMMIT_STEP) + COMMIT_STEP, floor)
-        if new_end < segment.committed_end:
-            self._shrink_commit(segment, top, new_end)
+        new_end = max(round_up(top, COMMIT_STEP) + COMMIT_STEP, floor)
+        if new_end < region.committed_end:
+            self._shrink_commit(region, top, new_end)
 
-    def _shrink_commit(self, segment, top, new_end):
-        self._unlink(top, segment.committed_end)
-        self.source.decommit(new_end, segment.committed_end - new_end)
-        segment.committed_end = new_end
+    def _shrink_commit(self, region, top, new_end):
+        self._unlink(top, region.committed_end)
+        self.source.decommit(new_end, region.committed_end - new_end)
+        region.committed_end = new_end
         self._add_free(top, new_end)
 
-    def _segment_of(self, address):
-        for segment in self.segments:
-            if segment.base <= address < segment.end:
-                return segment
+    def _region_of(self, address):
+        for region in self.regions:
+            if region.base <= address < region.end:
+                return region
         return None
+
+    def holds(self, address):
+        """True if `address` lies in one of the heap's regions (large blocks aside)."""
+        return self._region_of(address) is not None
+
+    def has_region(self, base):
+        """True if a region of the heap, or of one of its large blocks, starts at `base`."""
+        return base in self.region_bases or base in self.large
 
     def _reset_when_empty(self):
         """No live block left: go back to the starting commit. Called only when there is
-        something to give back, so a heap already there keeps its runs, and a loop of alloc
-        and free inside the initial commit costs no run setup."""
+        something to give back, so a heap already there keeps its slabs, and a loop of alloc
+        and free inside the initial commit costs no slab setup."""
         self.grown = False
-        first = self.segments[0]
-        if len(self.segments) == 1 and first.committed_end == self.base + self.initial_commit:
-            return  # trimmed back already: keep the runs
-        for run in list(self.run_set):
-            self._dissolve(run)
+        first = self.regions[0]
+        if len(self.regions) == 1 and first.committed_end == self.base + self.initial_commit:
+            return  # trimmed back already: keep the slabs
+        for slab in list(self.slab_set):
+            self._dissolve(slab)
         self.current = [None] * len(CLASS_SIZES)
         self.partial = [[] for _ in CLASS_SIZES]
-        for segment in self.segments[1:]:
-            self._trim(segment)
+        for region in self.regions[1:]:
+            self._trim(region)
         top = self.free_end.get(first.committed_end)
         floor = self.base + self.initial_commit
         if top is not None and first.committed_end > floor:
@@ -358,22 +364,22 @@ class Heap:
     def alloc(self, size, zero=False):
         """A block of exactly `size` bytes (HeapSize reports `size`); raises ShmheapError."""
         extent = ((size + 15) & ~15) + self.tail or ALIGN  # self._extent(size), inlined: hot path
-        if extent <= SMALL_MAX:  # the hot path: a pop from the class's current run
+        if extent <= SMALL_MAX:  # the hot path: a pop from the class's current slab
             cls = _CLASS_OF[extent >> 4]
-            run = self.current[cls]
-            if run is None or not run.free:
-                run = self._next_run(cls)
-            slot = run.free.pop()
-            run.sizes[slot] = size
-            run.live += 1
-            address = run.base + slot * run.block
+            slab = self.current[cls]
+            if slab is None or not slab.free:
+                slab = self._next_slab(cls)
+            slot = slab.free.pop()
+            slab.sizes[slot] = size
+            slab.live += 1
+            address = slab.base + slot * slab.block
         elif size <= LARGE_THRESHOLD:
             address = self._carve(extent)
             self.medium[address] = size
         elif size <= MAX_REQUEST:
             address = self._alloc_large(size)
         else:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         self.live += 1
         if zero:
             self._fill(address, size, 0)
@@ -381,32 +387,32 @@ class Heap:
             self._fill(address + size, extent - size, TAIL_FILL)
         return address
 
-    def _next_run(self, cls):
+    def _next_slab(self, cls):
         partial = self.partial[cls]
         while partial:
-            run = partial.pop()
-            if run.free and run in self.run_set:
-                self.current[cls] = run
-                return run
-        size = PAGE if CLASS_SIZES[cls] <= TINY_MAX else BIG_RUN
-        base = self._carve(size, PAGE)
-        run = Run(base, size, cls)
-        self.run_set.add(run)
-        for page in range(base // PAGE, (base + size) // PAGE):
-            self.runs[page] = run
-        self.current[cls] = run
-        return run
+            slab = partial.pop()
+            if slab.free and slab in self.slab_set:
+                self.current[cls] = slab
+                return slab
+        size = PAGE_SIZE if CLASS_SIZES[cls] <= TINY_MAX else BIG_SLAB
+        base = self._carve(size, PAGE_SIZE)
+        slab = Slab(base, size, cls)
+        self.slab_set.add(slab)
+        for page in range(base // PAGE_SIZE, (base + size) // PAGE_SIZE):
+            self.slabs[page] = slab
+        self.current[cls] = slab
+        return slab
 
-    def _dissolve(self, run):
-        self.run_set.discard(run)
-        for page in range(run.base // PAGE, (run.base + run.size) // PAGE):
-            del self.runs[page]
-        self._add_free(run.base, run.base + run.size)
+    def _dissolve(self, slab):
+        self.slab_set.discard(slab)
+        for page in range(slab.base // PAGE_SIZE, (slab.base + slab.size) // PAGE_SIZE):
+            del self.slabs[page]
+        self._add_free(slab.base, slab.base + slab.size)
 
     def _alloc_large(self, size):
         if not self.growable:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "a fixed-size heap takes no block this large")
-        reserve = _round_up(size, PAGE)
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "a fixed-size heap takes no block this large")
+        reserve = round_up(size, PAGE_SIZE)
         for base, kept in self.large_cache.items():
             if reserve <= kept <= 2 * reserve:  # reuse, wasting at most half
                 del self.large_cache[base]
@@ -414,64 +420,59 @@ class Heap:
                     self.source.decommit(base + reserve, kept - reserve)
                 self.large[base] = size
                 return base
-        base = self.source.reserve(reserve)
-        try:
-            self.source.commit(base, reserve)
-        except ShmheapError:
-            self.source.release(base)
-            raise
+        base = self.source.allocate(reserve, reserve)
         self.large[base] = size
         return base
 
     def _locate(self, address):
-        """('small', run, slot) / ('medium', None, None) / ('large', None, None) for a live
+        """('small', slab, slot) / ('medium', None, None) / ('large', None, None) for a live
         block starting at `address`; raises ERROR_INVALID_PARAMETER otherwise (HF-02, HF-03)."""
-        run = self.runs.get(address // PAGE)
-        if run is not None:
-            slot, offset = divmod(address - run.base, run.block)
-            if offset == 0 and run.sizes[slot] != SLOT_FREE:
-                return "small", run, slot
+        slab = self.slabs.get(address >> PAGE_SHIFT)
+        if slab is not None:
+            slot, offset = divmod(address - slab.base, slab.block)
+            if offset == 0 and slab.sizes[slot] != SLOT_FREE:
+                return "small", slab, slot
         elif address in self.medium:
             return "medium", None, None
         elif address in self.large:
             return "large", None, None
-        _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
+        raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
 
     def is_small(self, address):
-        """True if `address` lies in a run (a small block's slot)."""
-        return address // PAGE in self.runs
+        """True if `address` lies in a slab (a small block's slot)."""
+        return address >> PAGE_SHIFT in self.slabs
 
     def size(self, address):
-        kind, run, slot = self._locate(address)
+        kind, slab, slot = self._locate(address)
         if kind == "small":
-            return run.sizes[slot]
+            return slab.sizes[slot]
         return self.medium[address] if kind == "medium" else self.large[address]
 
     def free(self, address):
-        run = self.runs.get(address >> 12)  # address // PAGE
-        if run is not None:  # the hot path: a push onto the run's free stack
-            slot, offset = divmod(address - run.base, run.block)
-            sizes = run.sizes
+        slab = self.slabs.get(address >> PAGE_SHIFT)
+        if slab is not None:  # the hot path: a push onto the slab's free stack
+            slot, offset = divmod(address - slab.base, slab.block)
+            sizes = slab.sizes
             if offset or sizes[slot] == SLOT_FREE:
-                _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
+                raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
             if self.checking:
-                self._fill(address, run.block, FREE_FILL)
+                self._fill(address, slab.block, FREE_FILL)
             sizes[slot] = SLOT_FREE
-            run.free.append(slot)
-            run.live -= 1
-            if self.current[run.cls] is not run:
-                cls = run.cls
-                if run.live == 0:
-                    self._dissolve(run)
-                    self._trim(self._segment_of(run.base))
-                elif len(run.free) == 1:
-                    self.partial[cls].append(run)
+            slab.free.append(slot)
+            slab.live -= 1
+            if self.current[slab.cls] is not slab:
+                cls = slab.cls
+                if slab.live == 0:
+                    self._dissolve(slab)
+                    self._trim(self._region_of(slab.base))
+                elif len(slab.free) == 1:
+                    self.partial[cls].append(slab)
         elif address in self.medium:
             extent = self._extent(self.medium.pop(address))
             if self.checking:
                 self._fill(address, extent, FREE_FILL)
             self._add_free(address, address + extent)
-            self._trim(self._segment_of(address))
+            self._trim(self._region_of(address))
         elif address in self.large:
             kept = _large_pages(self.large.pop(address))
             if kept <= self.large_cache_limit:
@@ -480,7 +481,7 @@ class Heap:
             else:
                 self.source.release(address)
         else:
-            _fail(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
+            raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
         if self.live == 0 and self.grown:
             self._reset_when_empty()
@@ -489,28 +490,28 @@ class Heap:
         """Resize a block, in place when possible (else moved, unless `in_place_only`).
         The first min(old, new) bytes are kept; with `zero` any growth reads zero (HR-04).
         A refusal leaves the block as it was (HR-02, HR-08)."""
-        kind, run, slot = self._locate(address)
+        kind, slab, slot = self._locate(address)
         if size > MAX_REQUEST:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         old = self.size(address)
-        if self._resize_in_place(kind, address, run, slot, old, size):
+        if self._resize_in_place(kind, address, slab, slot, old, size):
             if zero and size > old:
                 self._fill(address + old, size - old, 0)
             return address
         if in_place_only:
-            _fail(WinError.ERROR_NOT_ENOUGH_MEMORY, "cannot resize in place")
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "cannot resize in place")
         new = self.alloc(size, zero=zero)
         count = min(old, size)
         self.memory[new:new + count] = self.memory[address:address + count]
         self.free(address)
         return new
 
-    def _resize_in_place(self, kind, address, run, slot, old, size):
+    def _resize_in_place(self, kind, address, slab, slot, old, size):
         extent = self._extent(size)
         if kind == "small":
-            if extent > run.block:
+            if extent > slab.block:
                 return False
-            run.sizes[slot] = size
+            slab.sizes[slot] = size
         elif kind == "medium":
             if size > LARGE_THRESHOLD:
                 return False
@@ -520,11 +521,11 @@ class Heap:
                 need = address + extent
                 next_end = self.free_start.get(end)
                 if next_end is None or next_end < need:
-                    segment = self._segment_of(address)
+                    region = self._region_of(address)
                     top = next_end if next_end is not None else end
-                    if top != segment.committed_end or need > segment.end:
+                    if top != region.committed_end or need > region.end:
                         return False
-                    self._commit_to(segment, min(_round_up(need, COMMIT_STEP), segment.end))
+                    self._commit_to(region, min(round_up(need, COMMIT_STEP), region.end))
                     next_end = self.free_start[end]
                 self._unlink(end, next_end)
                 self._add_free(need, next_end)
@@ -556,47 +557,57 @@ class Heap:
         return freed
 
     def destroy(self):
-        """Give every segment and large block back; the heap is unusable afterwards."""
+        """Give every region and large block back; the heap is unusable afterwards."""
         self.flush_large_cache()
-        for address in list(self.large):
+        for address in self.large:
             self.source.release(address)
-        for segment in self.segments:
-            self.source.release(segment.base)
+        for region in self.regions:
+            self.source.release(region.base)
+        self.abandon()
+
+    def abandon(self):
+        """Forget every region and block without giving them back (the daemon released them,
+        or `destroy` did): the heap is unusable afterwards."""
+        self.large_cache.clear()
         self.large.clear()
         self.medium.clear()
-        self.runs.clear()
-        self.run_set.clear()
-        self.segments = []
+        self.slabs.clear()
+        self.slab_set.clear()
+        self.regions = []
         self.live = 0
+
+    @property
+    def alive(self):
+        return bool(self.regions)
 
     def blocks(self):
         """(address, size) of every live block, in no particular order."""
-        for run in self.run_set:
-            for slot, size in enumerate(run.sizes):
+        for slab in self.slab_set:
+            for slot, size in enumerate(slab.sizes):
                 if size != SLOT_FREE:
-                    yield run.base + slot * run.block, size
+                    yield slab.base + slot * slab.block, size
         yield from self.medium.items()
         yield from self.large.items()
 
     def alloc_below(self, size, limit):
         """A block of `size` bytes at an address below `limit`, or None: the lowest free slot
-        of the size class's runs, or the lowest free range that fits. For compaction, which
+        of the size class's slabs, or the lowest free range that fits. For compaction, which
         is explicit and rare, so it may scan."""
         extent = self._extent(size)
         if extent <= SMALL_MAX:
             cls = _CLASS_OF[extent >> 4]
-            runs = sorted((r for r in self.run_set if r.cls == cls and r.free and r.base < limit),
+            slabs = sorted((r for r in self.slab_set if r.cls == cls and r.free and r.base < limit),
                           key=lambda r: r.base)
-            if not runs:
+            if not slabs:
                 return None
-            run = runs[0]
-            slot = min(run.free)
-            if run.base + slot * run.block >= limit:
+            slab = slabs[0]
+            slot = min(slab.free)
+            if slab.base + slot * slab.block >= limit:
                 return None
-            run.free.remove(slot)
-            run.sizes[slot] = size
-            run.live += 1
-            address = run.base + slot * run.block
+            slab.free.remove(slot)
+            slab.sizes[slot] = size
+            slab.live += 1
+            address = slab.base + slot * slab.block
         elif size <= LARGE_THRESHOLD:
             starts = sorted(s for s, e in self.free_start.items() if e - s >= extent and s < limit)
             if not starts or starts[0] + extent > limit:
@@ -614,24 +625,24 @@ class Heap:
         return address
 
     def walk(self):
-        """HeapWalk's entries in order: per segment a region entry, then its busy blocks and
+        """HeapWalk's entries in order: per region a region entry, then its busy blocks and
         free ranges by address, then its uncommitted range; large blocks last (HW-01..HW-03).
-        Each entry is (kind, address, size, overhead, region_index, segment)."""
-        for index, segment in enumerate(self.segments):
-            yield "region", segment.base, segment.committed_end - segment.base, 0, index, segment
+        Each entry is (kind, address, size, overhead, region_index, region)."""
+        for index, region in enumerate(self.regions):
+            yield "region", region.base, region.committed_end - region.base, 0, index, region
             items = [(start, "free", end - start, 0) for start, end in self.free_start.items()
-                     if segment.base <= start < segment.end]
+                     if region.base <= start < region.end]
             items += [(a, "busy", s, self._extent(s) - s) for a, s in self.medium.items()
-                      if segment.base <= a < segment.end]
-            for run in self.run_set:
-                if segment.base <= run.base < segment.end:
-                    items += [(run.base + slot * run.block, "busy", size, run.block - size)
-                              for slot, size in enumerate(run.sizes) if size != SLOT_FREE]
+                      if region.base <= a < region.end]
+            for slab in self.slab_set:
+                if region.base <= slab.base < region.end:
+                    items += [(slab.base + slot * slab.block, "busy", size, slab.block - size)
+                              for slot, size in enumerate(slab.sizes) if size != SLOT_FREE]
             for address, kind, size, overhead in sorted(items):
-                yield kind, address, size, overhead, index, segment
-            if segment.committed_end < segment.end:
-                yield ("uncommitted", segment.committed_end, segment.end - segment.committed_end,
-                       0, index, segment)
+                yield kind, address, size, overhead, index, region
+            if region.committed_end < region.end:
+                yield ("uncommitted", region.committed_end, region.end - region.committed_end,
+                       0, index, region)
         for address, size in sorted(self.large.items()):
             yield "large", address, size, 0, 64, None
 
@@ -652,10 +663,10 @@ class Heap:
 
     def _free_spans(self):
         yield from self.free_start.items()
-        for run in self.run_set:
-            for slot in run.free:
-                start = run.base + slot * run.block
-                yield start, start + run.block
+        for slab in self.slab_set:
+            for slot in slab.free:
+                start = slab.base + slot * slab.block
+                yield start, start + slab.block
 
     def _tail_intact(self, address, size):
         if not self.tail or address in self.large:
@@ -667,26 +678,26 @@ class Heap:
         return max((end - start for start, end in self.free_start.items()), default=0)
 
     def compact(self):
-        """Dissolve empty runs and decommit free tops; return the largest free range."""
-        for run in list(self.run_set):
-            if run.live == 0:
-                cls = run.cls
-                if self.current[cls] is run:
+        """Dissolve empty slabs and decommit free tops; return the largest free range."""
+        for slab in list(self.slab_set):
+            if slab.live == 0:
+                cls = slab.cls
+                if self.current[cls] is slab:
                     self.current[cls] = None
-                self._dissolve(run)
-        for segment in list(self.segments):
-            self._trim(segment)
+                self._dissolve(slab)
+        for region in list(self.regions):
+            self._trim(region)
         return self.largest_free()
 
     @property
     def committed(self):
-        return sum(segment.committed_end - segment.base for segment in self.segments) + sum(
+        return sum(region.committed_end - region.base for region in self.regions) + sum(
             _large_pages(size) for size in self.large.values()) + sum(self.large_cache.values())
 
     @property
     def reserved(self):
-        return sum(segment.reserved for segment in self.segments) + sum(
-            _round_up(size, PAGE) for size in self.large.values())
+        return sum(region.reserved for region in self.regions) + sum(
+            round_up(size, PAGE_SIZE) for size in self.large.values())
 
     def _fill(self, address, length, byte):
         if length > 0:
@@ -700,7 +711,7 @@ class Heap:
     def check(self):
         """Walk everything; raise RuntimeError naming each broken invariant."""
         problems = []
-        spans = []  # (start, end, what) inside segments' committed parts
+        spans = []  # (start, end, what) inside regions' committed parts
         for start, end in self.free_start.items():
             if self.free_end.get(end) != start:
                 problems.append(f"free range {start:#x} missing from free_end")
@@ -708,7 +719,7 @@ class Heap:
                 problems.append(f"free range {start:#x} not in its bin")
             if start % ALIGN or end % ALIGN or end <= start:
                 problems.append(f"free range {start:#x}-{end:#x} misaligned or empty")
-            if end in self.free_start and not self._is_segment_start(end):
+            if end in self.free_start and not self._is_region_start(end):
                 problems.append(f"free ranges at {start:#x} and {end:#x} not coalesced")
             spans.append((start, end, "free"))
         if len(self.free_end) != len(self.free_start):
@@ -716,36 +727,36 @@ class Heap:
         if sum(len(b) for b in self.bins) != len(self.free_start):
             problems.append("bins hold ranges that are not free")
         live = len(self.medium) + len(self.large)
-        for page, run in self.runs.items():
-            if not run.base <= page * PAGE < run.base + run.size or run not in self.run_set:
-                problems.append(f"run {run.base:#x} filed under page {page}")
-        if sum(run.size // PAGE for run in self.run_set) != len(self.runs):
-            problems.append("runs are not filed under exactly their pages")
-        for run in self.run_set:
-            used = sum(1 for s in run.sizes if s != SLOT_FREE)
-            if used != run.live or used + len(run.free) != len(run.sizes):
-                problems.append(f"run {run.base:#x} counts disagree")
-            if any(run.sizes[slot] != SLOT_FREE for slot in run.free):
-                problems.append(f"run {run.base:#x} lists a busy slot as free")
+        for page, slab in self.slabs.items():
+            if not slab.base <= page * PAGE_SIZE < slab.base + slab.size or slab not in self.slab_set:
+                problems.append(f"slab {slab.base:#x} filed under page {page}")
+        if sum(slab.size // PAGE_SIZE for slab in self.slab_set) != len(self.slabs):
+            problems.append("slabs are not filed under exactly their pages")
+        for slab in self.slab_set:
+            used = sum(1 for s in slab.sizes if s != SLOT_FREE)
+            if used != slab.live or used + len(slab.free) != len(slab.sizes):
+                problems.append(f"slab {slab.base:#x} counts disagree")
+            if any(slab.sizes[slot] != SLOT_FREE for slot in slab.free):
+                problems.append(f"slab {slab.base:#x} lists a busy slot as free")
             live += used
-            spans.append((run.base, run.base + run.size, "run"))
+            spans.append((slab.base, slab.base + slab.size, "slab"))
         for address, size in self.medium.items():
             spans.append((address, address + self._extent(size), "block"))
         if live != self.live:
             problems.append(f"live count {self.live} != walked {live}")
-        for segment in self.segments:
-            spans.append((segment.base, segment.start, "header"))
+        for region in self.regions:
+            spans.append((region.base, region.start, "header"))
         spans.sort()
         for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
             if s2 < e1:
                 problems.append(f"{w1} {s1:#x}-{e1:#x} overlaps {w2} {s2:#x}-{e2:#x}")
         covered = sum(e - s for s, e, _ in spans)
-        committed = sum(segment.committed_end - segment.base for segment in self.segments)
+        committed = sum(region.committed_end - region.base for region in self.regions)
         if covered != committed:
             problems.append(f"blocks + free + headers = {covered}, committed = {committed}")
         for s, e, what in spans:
-            segment = self._segment_of(s)
-            if segment is None or e > segment.committed_end:
+            region = self._region_of(s)
+            if region is None or e > region.committed_end:
                 problems.append(f"{what} {s:#x}-{e:#x} outside committed memory")
         if problems:
             raise RuntimeError("heap inconsistent: " + "; ".join(problems[:10]))

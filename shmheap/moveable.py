@@ -11,17 +11,17 @@ exist at once (GL-02). Freed slots are reused oldest first. A table made with `s
 the handle's bits above STAMP_SHIFT, so a stale handle is recognised as stale and is never
 taken for the newer object in its slot (the pointer is then at `handle & ADDRESS_MASK`).
 
-Every operation returns (value, error): `error` None leaves the caller's last error alone,
-anything else is stored (ERROR_SUCCESS included, where Windows sets it). Values and errors
-follow ../shared/reference/win32_semantics.md rows GL-01..GL-40; where Local and Global
-differ, `Flavor` says how.
+Every call returns its Win32 value on success and raises ShmheapError with the Win32 code
+on failure; the Win32 facade turns that into the call's failure value and last error. Values
+and errors follow ../shared/reference/win32_semantics.md rows GL-01..GL-40; where Local and
+Global differ, `Flavor` says how.
 """
 
 from collections import deque
 
-from .constants import (GMEM_DDESHARE, GMEM_DISCARDABLE, GMEM_DISCARDED, GMEM_INVALID_HANDLE,
+from .constants import (GMEM_DDESHARE, GMEM_DISCARDABLE, GMEM_DISCARDED,
                         GMEM_MODIFY, GMEM_MOVEABLE, GMEM_ZEROINIT, LMEM_DISCARDABLE)
-from .errors import ShmheapError, WinError
+from .errors import ShmheapError, WinError, raise_for
 
 SLOT = 16
 TABLE_CHUNK = 256
@@ -34,20 +34,18 @@ ADDRESS_MASK = (1 << STAMP_SHIFT) - 1
 class Flavor:
     """Where LocalAlloc and GlobalAlloc differ."""
 
-    def __init__(self, name, discardable, zero_size_fixed, unlock_fixed, unlock_stale,
-                 garbage_error):
+    def __init__(self, name, discardable, zero_size_fixed, unlock_fixed_error, garbage_error):
         self.name = name
         self.discardable = discardable  # flag bits that mean discardable, as reported
         self.zero_size_fixed = zero_size_fixed  # size a 0-byte fixed object really gets (GL-15)
-        self.unlock_fixed = unlock_fixed  # (value, error) of unlocking a fixed object
-        self.unlock_stale = unlock_stale  # (value, error) of unlocking a freed handle
-        self.garbage_error = garbage_error  # error of Flags/Handle/Lock on a non-object
+        # Unlocking a fixed object (or any non-handle): Global says TRUE, Local fails (GL-13/14)
+        self.unlock_fixed_error = unlock_fixed_error
+        # Flags/Handle/Lock of a value that was never memory of ours (GL-20, GL-21)
+        self.garbage_error = garbage_error
 
 
-LOCAL = Flavor("Local", LMEM_DISCARDABLE, 0, (False, WinError.ERROR_NOT_LOCKED),
-               (False, WinError.ERROR_INVALID_HANDLE), WinError.ERROR_NOACCESS)
-GLOBAL = Flavor("Global", GMEM_DISCARDABLE, 1, (True, None),
-                (True, WinError.ERROR_INVALID_HANDLE), WinError.ERROR_INVALID_HANDLE)
+LOCAL = Flavor("Local", LMEM_DISCARDABLE, 0, WinError.ERROR_NOT_LOCKED, WinError.ERROR_NOACCESS)
+GLOBAL = Flavor("Global", GMEM_DISCARDABLE, 1, None, WinError.ERROR_INVALID_HANDLE)
 
 
 class Entry:
@@ -68,11 +66,15 @@ class MoveableTable:
         self.entries = {}  # handle -> Entry
         self.by_pointer = {}  # data pointer -> handle
         self.free_handles = deque()
-        self.chunks = []
+        self.chunks = set()  # the heap blocks holding the slots
 
     # ---- classification ------------------------------------------------------------------
 
-    def _is_block(self, value):
+    def is_block(self, value):
+        """True if `value` is a live block of the heap that is a fixed object (the table's
+        own chunks are blocks too, but no object: freeing one would free live handles)."""
+        if value in self.chunks:
+            return False
         try:
             self.heap.size(value)
             return True
@@ -82,18 +84,25 @@ class MoveableTable:
     def _not_an_object(self, value):
         """The error for a value that names no object: a freed handle or a pointer into the
         heap is an invalid handle; anything else was never memory of ours."""
-        if value % SLOT == 8 or self.heap._segment_of(value) is not None:
+        if value % SLOT == 8 or self.heap.holds(value):
             return WinError.ERROR_INVALID_HANDLE
         return WinError.ERROR_NOACCESS
+
+    def _refuse(self, value):
+        """Raise for a value that names no object, as Flags, Handle and Lock report it."""
+        error = self._not_an_object(value)
+        if error == WinError.ERROR_NOACCESS:
+            error = self.flavor.garbage_error
+        raise_for(error, f"{value:#x} is no {self.flavor.name} memory object")
 
     # ---- handle slots --------------------------------------------------------------------
 
     def _new_handle(self):
         if not self.free_handles:
             if len(self.chunks) * TABLE_CHUNK >= MAX_HANDLES:
-                raise ShmheapError(WinError.ERROR_NOT_ENOUGH_MEMORY, "the handle table is full")
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "the handle table is full")
             chunk = self.heap.alloc(TABLE_CHUNK * SLOT, zero=True)
-            self.chunks.append(chunk)
+            self.chunks.add(chunk)
             self.free_handles.extend(chunk + i * SLOT + 8 for i in range(TABLE_CHUNK))
         slot = self.free_handles.popleft()
         if not self.stamped:
@@ -101,7 +110,8 @@ class MoveableTable:
         generation = self.generations[slot] = self.generations.get(slot, 0) + 1
         return slot | generation << STAMP_SHIFT
 
-    def _set_pointer(self, handle, entry, pointer):
+    def set_pointer(self, handle, entry, pointer):
+        """Point a moveable object at new data (allocation, realloc, discard, compaction)."""
         self.by_pointer.pop(entry.pointer, None)
         entry.pointer = pointer
         if pointer:
@@ -113,157 +123,176 @@ class MoveableTable:
 
     def alloc(self, flags, size):
         zero = bool(flags & GMEM_ZEROINIT)
+        if not flags & GMEM_MOVEABLE:
+            return self.heap.alloc(size or self.flavor.zero_size_fixed, zero=zero)
+        handle = self._new_handle()
         try:
-            if not flags & GMEM_MOVEABLE:
-                return self.heap.alloc(size or self.flavor.zero_size_fixed, zero=zero), None
-            handle = self._new_handle()
-            try:
-                pointer = self.heap.alloc(size, zero=zero) if size else 0
-            except ShmheapError:
-                self.free_handles.appendleft(handle & ADDRESS_MASK)
-                raise
-        except ShmheapError as exc:
-            return 0, exc.winerror
+            pointer = self.heap.alloc(size, zero=zero) if size else 0
+        except ShmheapError:
+            self.free_handles.appendleft(handle & ADDRESS_MASK)
+            raise
         entry = self.entries[handle] = Entry(0, flags & (self.flavor.discardable | GMEM_DDESHARE))
-        self._set_pointer(handle, entry, pointer)
-        return handle, None
+        self.set_pointer(handle, entry, pointer)
+        return handle
 
     def lock(self, handle):
+        """The data pointer; a moveable object's lock count goes up (saturating, GL-07)."""
         entry = self.entries.get(handle)
         if entry is not None:
             if not entry.pointer:
-                return 0, WinError.ERROR_DISCARDED
+                raise_for(WinError.ERROR_DISCARDED, f"object {handle:#x} is discarded")
             entry.locks = min(entry.locks + 1, MAX_LOCKS)
-            return entry.pointer, None
-        if self._is_block(handle):
-            return handle, None
-        error = self._not_an_object(handle)
-        if error == WinError.ERROR_NOACCESS and self.flavor is LOCAL:
-            return 0, None  # GL-21: LocalLock of a non-object leaves the error alone
-        return 0, WinError.ERROR_INVALID_HANDLE
+            return entry.pointer
+        if self.is_block(handle):
+            return handle
+        self._refuse(handle)
 
     def unlock(self, handle):
+        """True while the object stays locked, False once its count reaches 0 (GL-06)."""
         entry = self.entries.get(handle)
         if entry is not None:
             if entry.locks == 0:
-                return False, WinError.ERROR_NOT_LOCKED
+                raise_for(WinError.ERROR_NOT_LOCKED, f"object {handle:#x} is not locked")
             entry.locks -= 1
-            return (True, None) if entry.locks else (False, WinError.ERROR_SUCCESS)
+            return bool(entry.locks)
         if handle % SLOT == 8:
-            return self.flavor.unlock_stale
-        return self.flavor.unlock_fixed
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} is a freed or forged handle")
+        if self.flavor.unlock_fixed_error:
+            raise_for(self.flavor.unlock_fixed_error, f"{handle:#x} has no lock count")
+        return True
 
     def flags(self, handle):
         entry = self.entries.get(handle)
         if entry is not None:
-            return entry.locks | entry.flags | (0 if entry.pointer else GMEM_DISCARDED), None
-        if self._is_block(handle):
-            return 0, None
-        error = self._not_an_object(handle)
-        if error == WinError.ERROR_NOACCESS and self.flavor is GLOBAL:
-            error = WinError.ERROR_INVALID_HANDLE
-        return GMEM_INVALID_HANDLE, error
+            return entry.locks | entry.flags | (0 if entry.pointer else GMEM_DISCARDED)
+        if self.is_block(handle):
+            return 0
+        self._refuse(handle)
 
     def size(self, handle):
         entry = self.entries.get(handle)
         if entry is None and handle in self.by_pointer:
             entry = self.entries[self.by_pointer[handle]]  # GL-23: the data pointer will do
         if entry is not None:
-            return (self.heap.size(entry.pointer) if entry.pointer else 0), None
-        if self._is_block(handle):
-            return self.heap.size(handle), None
-        return 0, WinError.ERROR_INVALID_HANDLE
+            return self.heap.size(entry.pointer) if entry.pointer else 0
+        if self.is_block(handle):
+            return self.heap.size(handle)
+        raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} is no {self.flavor.name} memory object")
 
     def free(self, handle):
+        """Free an object whatever its lock count (GL-40); freeing NULL does nothing."""
         if handle == 0:
-            return 0, None
+            return
         entry = self.entries.pop(handle, None)
-        if entry is not None:  # freed whatever its lock count (GL-40)
+        if entry is not None:
             if entry.pointer:
                 self.by_pointer.pop(entry.pointer, None)
                 self.heap.free(entry.pointer)
             slot = handle & ADDRESS_MASK
             self.heap.memory[slot:slot + 8] = bytes(8)
             self.free_handles.append(slot)
-            return 0, None
-        if self._is_block(handle) and handle not in self.by_pointer:
+            return
+        if self.is_block(handle) and handle not in self.by_pointer:
             self.heap.free(handle)
-            return 0, None
-        return handle, self._not_an_object(handle)
+            return
+        raise_for(self._not_an_object(handle), f"{handle:#x} is no {self.flavor.name} memory object")
 
     def handle(self, pointer):
         if pointer in self.by_pointer:
-            return self.by_pointer[pointer], None
-        if pointer in self.entries or self._is_block(pointer):
-            return pointer, None
-        error = self._not_an_object(pointer)
-        if error == WinError.ERROR_NOACCESS and self.flavor is GLOBAL:
-            error = WinError.ERROR_INVALID_HANDLE
-        return 0, error
+            return self.by_pointer[pointer]
+        if pointer in self.entries or self.is_block(pointer):
+            return pointer
+        self._refuse(pointer)
 
     def realloc(self, handle, size, flags):
         entry = self.entries.get(handle)
         if entry is None:
-            if handle == 0 or not self._is_block(handle) or handle in self.by_pointer:
-                return 0, (WinError.ERROR_INVALID_HANDLE if handle == 0 else self._not_an_object(handle))
+            if handle == 0:
+                raise_for(WinError.ERROR_INVALID_HANDLE, "NULL handle")
+            if not self.is_block(handle) or handle in self.by_pointer:
+                raise_for(self._not_an_object(handle), f"{handle:#x} is no {self.flavor.name} memory object")
             return self._realloc_fixed(handle, size, flags)
         if flags & GMEM_MODIFY:  # change flags only; size and data untouched (GL-34)
             if flags & self.flavor.discardable:
                 entry.flags |= self.flavor.discardable
-            return handle, None
+            return handle
         if flags & self.flavor.discardable:
-            return 0, WinError.ERROR_INVALID_PARAMETER  # GL-33
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "DISCARDABLE needs MODIFY")  # GL-33
         zero = bool(flags & GMEM_ZEROINIT)
         if size == 0:
-            if entry.locks or not flags & GMEM_MOVEABLE:
-                return 0, WinError.ERROR_NOT_ENOUGH_MEMORY if entry.locks else WinError.ERROR_INVALID_PARAMETER
+            if entry.locks:
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "a locked object cannot be discarded")
+            if not flags & GMEM_MOVEABLE:
+                raise_for(WinError.ERROR_INVALID_PARAMETER, "discarding needs MOVEABLE")
             if entry.pointer:  # discard (GL-36)
                 self.heap.free(entry.pointer)
-                self._set_pointer(handle, entry, 0)
-            return handle, None
-        try:
-            if not entry.pointer:  # a discarded object comes back (GL-24)
-                self._set_pointer(handle, entry, self.heap.alloc(size, zero=zero))
-            else:
-                in_place = bool(entry.locks) and not flags & GMEM_MOVEABLE  # GL-32, GL-33, GL-35
-                pointer = self.heap.realloc(entry.pointer, size, zero=zero, in_place_only=in_place)
-                self._set_pointer(handle, entry, pointer)
-        except ShmheapError as exc:
-            return 0, exc.winerror
-        return handle, None
+                self.set_pointer(handle, entry, 0)
+            return handle
+        if not entry.pointer:  # a discarded object comes back (GL-24)
+            self.set_pointer(handle, entry, self.heap.alloc(size, zero=zero))
+        else:
+            in_place = bool(entry.locks) and not flags & GMEM_MOVEABLE  # GL-32, GL-33, GL-35
+            pointer = self.heap.realloc(entry.pointer, size, zero=zero, in_place_only=in_place)
+            self.set_pointer(handle, entry, pointer)
+        return handle
 
     def _realloc_fixed(self, pointer, size, flags):
         if flags & GMEM_MODIFY:
             if flags & GMEM_MOVEABLE and self.flavor is GLOBAL:
-                try:
-                    return self._make_moveable(pointer, flags), None  # GL-30
-                except ShmheapError as exc:
-                    return 0, exc.winerror
-            return pointer, None  # GL-25, GL-31
+                return self._make_moveable(pointer, flags)  # GL-30
+            return pointer  # GL-25, GL-31
         if flags & self.flavor.discardable:
-            return 0, WinError.ERROR_INVALID_PARAMETER  # GL-29
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "DISCARDABLE needs MODIFY")  # GL-29
         zero = bool(flags & GMEM_ZEROINIT)  # (a realloc to 0 is 0 bytes: GL-28, GL-29)
         small = self.heap.is_small(pointer)
-        try:
-            if flags & GMEM_MOVEABLE and small:
-                # A small fixed block always relocates when resized (GL-28).
-                new = self.heap.alloc(size, zero=zero)
-                count = min(size, self.heap.size(pointer))
-                self.heap.memory[new:new + count] = self.heap.memory[pointer:pointer + count]
-                self.heap.free(pointer)
-                return new, None
-            if small:
-                return 0, WinError.ERROR_NOT_ENOUGH_MEMORY  # GL-26, GL-27
-            return self.heap.realloc(pointer, size, zero=zero,
-                                     in_place_only=not flags & GMEM_MOVEABLE), None  # GL-29
-        except ShmheapError as exc:
-            return 0, exc.winerror
+        if flags & GMEM_MOVEABLE and small:
+            # A small fixed block always relocates when resized (GL-28).
+            new = self.heap.alloc(size, zero=zero)
+            count = min(size, self.heap.size(pointer))
+            self.heap.memory[new:new + count] = self.heap.memory[pointer:pointer + count]
+            self.heap.free(pointer)
+            return new
+        if small:
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "a small fixed block resizes only with MOVEABLE")  # GL-26, GL-27
+        return self.heap.realloc(pointer, size, zero=zero, in_place_only=not flags & GMEM_MOVEABLE)  # GL-29
 
     def _make_moveable(self, pointer, flags):
         handle = self._new_handle()
         entry = self.entries[handle] = Entry(0, flags & (self.flavor.discardable | GMEM_DDESHARE))
-        self._set_pointer(handle, entry, pointer)
+        self.set_pointer(handle, entry, pointer)
         return handle
 
     def discard(self, handle):
         return self.realloc(handle, 0, GMEM_MOVEABLE)
+
+    # ---- invariants ----------------------------------------------------------------------
+
+    def check(self):
+        """Walk the table; raise RuntimeError naming each broken invariant: every entry's
+        pointer is a live block recorded in by_pointer and stored in its slot, no free slot
+        is in use, and lock counts are in range."""
+        problems = []
+        slots_in_use = set()
+        for handle, entry in self.entries.items():
+            slot = handle & ADDRESS_MASK
+            slots_in_use.add(slot)
+            if slot % SLOT != 8 or not any(c <= slot < c + TABLE_CHUNK * SLOT for c in self.chunks):
+                problems.append(f"handle {handle:#x} is not a slot of the table")
+            if self.stamped and handle >> STAMP_SHIFT != self.generations.get(slot):
+                problems.append(f"handle {handle:#x} carries a stale generation")
+            if int.from_bytes(self.heap.memory[slot:slot + 8], "little") != entry.pointer:
+                problems.append(f"slot of {handle:#x} does not hold its pointer")
+            if entry.pointer and (self.by_pointer.get(entry.pointer) != handle
+                                  or not self.is_block(entry.pointer)):
+                problems.append(f"data of {handle:#x} is not a live, indexed block")
+            if not 0 <= entry.locks <= MAX_LOCKS:
+                problems.append(f"lock count of {handle:#x} out of range")
+        if len(self.by_pointer) != sum(1 for e in self.entries.values() if e.pointer):
+            problems.append("by_pointer holds pointers of no entry")
+        if slots_in_use & set(self.free_handles):
+            problems.append("a slot in use is on the free list")
+        if len(slots_in_use) + len(self.free_handles) != len(self.chunks) * TABLE_CHUNK:
+            problems.append("slots in use + free slots != table capacity")
+        if problems:
+            raise RuntimeError(f"{self.flavor.name} handle table inconsistent: " + "; ".join(problems[:10]))
+        return {"objects": len(self.entries), "slots": len(self.chunks) * TABLE_CHUNK}

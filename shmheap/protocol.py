@@ -24,6 +24,7 @@ Handshake (the first request of every connection; anything else first is refused
     (every other request gets ERROR_ACCESS_DENIED) until a hello it can accept; a peer of
     another uid gets [0, ERROR_ACCESS_DENIED, reason] and is closed before any request.
     The client sends "heap_create" for its process heap in the same write as "hello".
+    Every op but "hello" is answered by the daemon's kernel (daemon/kernel.py, its op table).
 """
 
 import msgpack
@@ -31,6 +32,7 @@ import msgpack
 from .errors import ProtocolError, WinError
 
 PROTOCOL_VERSION = 1
+HELLO = "hello"  # the handshake op: the first request of every connection
 
 # Unpacker bounds: no frame, string or container from a peer may exceed these.
 MAX_FRAME = 1 << 20
@@ -76,7 +78,7 @@ def _any(value):
 # The op table: every message the daemon understands and the shape of its arguments.
 # The same name is used by the client stub, this table and the daemon handler.
 OPS = {
-    "hello": (_u32, _map),
+    HELLO: (_u32, _map),
     "echo": (_any,),
     "system_info": (),
     "memory_status": (),
@@ -92,18 +94,17 @@ OPS = {
     "heap_release": (_u64, _u64),  # handle, region base
     "heap_destroy": (_u64,),
     "heap_list": (),
-    # GlobalAlloc family: each returns [value, error or None] (the Win32 return value and the
-    # last error it sets, if any), since several calls "fail" with a value and some set none.
-    "global_alloc": (_u32, _u64),  # flags, size
+    # GlobalAlloc family: each returns the Win32 value; a failure is an error reply.
+    "global_alloc": (_u32, _u64),  # flags, size -> handle
     "global_alloc_many": (_u32, _list_u64),  # flags, sizes: all or none, returns handles
-    "global_free": (_u64,),
-    "global_realloc": (_u64, _u64, _u32),  # handle, size, flags
+    "global_free": (_u64,),  # -> None
+    "global_realloc": (_u64, _u64, _u32),  # handle, size, flags -> handle
     "global_size": (_u64,),
-    "global_lock": (_u64,),
-    "global_unlock": (_u64,),
+    "global_lock": (_u64,),  # -> data pointer
+    "global_unlock": (_u64,),  # -> still locked
     "global_flags": (_u64,),
-    "global_handle": (_u64,),
-    "global_compact": (_u64,),
+    "global_handle": (_u64,),  # data pointer -> handle
+    "global_compact": (_u64,),  # -> largest free block
     "section_create": (_u32, _u64, _opt_str),  # protect, size, name -> [handle, existed]
     "section_open": (_u32, _str),  # access, name -> handle
     "section_map": (_u64, _u32, _u64, _u64),  # handle, access, offset, size -> address
@@ -183,6 +184,11 @@ def parse_request(frame):
         if not check(arg):
             raise RequestError(msgid, WinError.ERROR_INVALID_PARAMETER, f"bad arguments for {op}")
     return msgid, op, args
+
+
+def hello_request(pid):
+    """The handshake request, as (op, args)."""
+    return HELLO, (PROTOCOL_VERSION, {"pid": pid})
 
 
 def parse_reply(frame):

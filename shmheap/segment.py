@@ -4,11 +4,19 @@ Glossary (each term is used in this one sense across shmheap):
 
     segment   the POSIX shm object the daemon creates; mapped whole by every process.
     page      a 4 KiB OS page, the unit of commit, decommit and protection.
-    region    a reservation made at 64 KiB (allocation granularity) alignment; its pages are
-              each reserved or committed.
+    granule   64 KiB, the allocation granularity: regions start on one.
+    region    a reservation made at granule alignment; its pages are each reserved or
+              committed. A heap's regions are its own; the page table's describe everyone's.
+    run       in the page table, a stretch of a region's pages that share one state (reserved,
+              or committed with one protection).
+    slab      in a heap, a page or 64 KiB of committed memory cut into equal slots of one size
+              class, for small blocks.
     block     a heap allocation carved out of committed pages.
     address   an integer offset into the segment; the same bytes in every process. 0 is NULL.
-    handle    an integer naming a daemon object (heap, global block, section).
+    handle    an integer naming an object: a heap (its first region's base), a global object
+              (its address if fixed, a stamped table slot if moveable), a section.
+    owner     who a region or object belongs to: a process (by pid) or the system (0).
+    commit    backing pages with memory (posix_fallocate); decommit gives it back (MADV_REMOVE).
 
 Layout: the first 64 KiB are the header below and are never handed out, so no valid address
 is below `MIN_ADDRESS`. The rest is sparse: only committed pages cost memory.
@@ -22,6 +30,7 @@ import struct
 import posix_ipc
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # unit of commit and protection (4096 on x86-64)
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1  # address >> PAGE_SHIFT is its page number
 ALLOCATION_GRANULARITY = 64 * 1024  # Win32 reservation granularity
 HEADER_SIZE = ALLOCATION_GRANULARITY  # offsets below this are never valid addresses
 MIN_ADDRESS = HEADER_SIZE  # lpMinimumApplicationAddress, as on Windows
@@ -43,6 +52,27 @@ class Header:
         self.size = size
         self.daemon_pid = daemon_pid
         self.generation = generation
+
+
+def round_up(value, unit):
+    return -(-value // unit) * unit
+
+
+def round_down(value, unit):
+    return value - value % unit
+
+
+def pages_in(size):
+    """Whole pages needed to hold `size` bytes."""
+    return -(-size // PAGE_SIZE)
+
+
+def as_array(view, dtype="uint8", shape=None):
+    """A numpy array over the bytes of `view` (no copy). Needs numpy (the `numpy` extra)."""
+    import numpy
+
+    array = numpy.frombuffer(view, dtype=dtype)
+    return array if shape is None else array.reshape(shape)
 
 
 def default_socket_path():
@@ -79,7 +109,7 @@ def parse_size(text):
 
 def round_size(size):
     """Segment sizes are whole granules."""
-    return max(-(-size // ALLOCATION_GRANULARITY) * ALLOCATION_GRANULARITY, 2 * ALLOCATION_GRANULARITY)
+    return max(round_up(size, ALLOCATION_GRANULARITY), 2 * ALLOCATION_GRANULARITY)
 
 
 def create(name, size, daemon_pid, generation):

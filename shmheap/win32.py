@@ -2,12 +2,19 @@
 
 Addresses are ints (offsets into the segment, NULL is 0), handles are ints, and arguments are
 converted the way C converts them (a SIZE_T or pointer is taken modulo 2**64, a DWORD modulo
-2**32, so -1 is (SIZE_T)-1). Failure returns what C returns (0, NULL, FALSE, None for a struct)
-and sets the calling thread's `GetLastError()`; success leaves it alone, as Windows does.
-Out-parameters become return values. The behaviour of each call is the daemon's (see
-daemon/pagetable.py); this module converts arguments and keeps the last error.
+2**32, so -1 is (SIZE_T)-1). Out-parameters become return values.
 
-The default connection is made on first use (`SHMHEAP_SOCKET`, autostart).
+Errors: every layer below raises ShmheapError with the Win32 code. Each call here catches it
+and returns its failure value (what C returns: 0, NULL, FALSE, None for a struct, or the
+handle back for the Free calls), storing the code for the calling thread's `GetLastError()`
+through `_failed`, the one place that does. Success leaves the last error alone, as Windows
+does, except where Windows documents otherwise (an unlock that leaves the count at 0 sets
+NO_ERROR; a few failures leave it untouched). Those rows are cited at each call.
+ProtocolError (the daemon is gone or broke the protocol) is no Win32 failure: it propagates.
+
+The behaviour of each call is the layer's below (the daemon's page table, sections and global
+memory; this process's heaps); this module converts arguments and keeps the last error. The
+default connection is made on first use (`SHMHEAP_SOCKET`, autostart).
 """
 
 import ctypes
@@ -18,10 +25,10 @@ import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from . import client as client_module
 from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
-from .errors import ShmheapError, WinError, raise_for
+from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .moveable import MoveableTable
 from .segment import MIN_ADDRESS
 
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
@@ -50,39 +57,38 @@ def SetLastError(dwErrCode):
     _state.last_error = _dword(dwErrCode)
 
 
-def _call(failure, op, *args):
-    error, result = default_client().call_raw(op, *args)
-    if error:
-        _state.last_error = error
-        return failure
-    return result
+def _failed(exc, failure):
+    """The one place an exception becomes a Win32 failure: store its code as the last error
+    and return the call's failure value."""
+    if isinstance(exc, ProtocolError):
+        raise exc
+    _state.last_error = exc.winerror
+    return failure
+
+
+def _attempt(failure, function, *args):
+    """function(*args), or `failure` with the last error set if it raises ShmheapError."""
+    try:
+        return function(*args)
+    except ShmheapError as exc:
+        return _failed(exc, failure)
 
 
 # ---- virtual memory ------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class MEMORY_BASIC_INFORMATION:
-    BaseAddress: int
-    AllocationBase: int
-    AllocationProtect: int
-    RegionSize: int
-    State: int
-    Protect: int
-    Type: int
-
 
 SIZEOF_MEMORY_BASIC_INFORMATION = 48
 
 
 def VirtualAlloc(lpAddress, dwSize, flAllocationType, flProtect):
     """Reserve and/or commit pages; returns the base address, or 0 (NULL) on failure."""
-    return _call(0, "virtual_alloc", _ptr(lpAddress), _size(dwSize),
-                 _dword(flAllocationType), _dword(flProtect))
+    return _attempt(0, default_client().virtual_alloc, _ptr(lpAddress), _size(dwSize),
+                    _dword(flAllocationType), _dword(flProtect))
 
 
 def VirtualFree(lpAddress, dwSize, dwFreeType):
     """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0)."""
-    return _call(False, "virtual_free", _ptr(lpAddress), _size(dwSize), _dword(dwFreeType))
+    return _attempt(False, default_client().virtual_free, _ptr(lpAddress), _size(dwSize),
+                    _dword(dwFreeType))
 
 
 def VirtualQuery(lpAddress, dwLength=SIZEOF_MEMORY_BASIC_INFORMATION):
@@ -90,14 +96,14 @@ def VirtualQuery(lpAddress, dwLength=SIZEOF_MEMORY_BASIC_INFORMATION):
     if _size(dwLength) < SIZEOF_MEMORY_BASIC_INFORMATION:
         _state.last_error = WinError.ERROR_BAD_LENGTH
         return None
-    fields = _call(None, "virtual_query", _ptr(lpAddress))
-    return None if fields is None else MEMORY_BASIC_INFORMATION(*fields)
+    return _attempt(None, default_client().virtual_query, _ptr(lpAddress))
 
 
 def VirtualProtect(lpAddress, dwSize, flNewProtect):
     """Change the protection of committed pages; returns the old protection of the first
     page, or 0 on failure (no valid protection is 0)."""
-    return _call(0, "virtual_protect", _ptr(lpAddress), _size(dwSize), _dword(flNewProtect))
+    return _attempt(0, default_client().virtual_protect, _ptr(lpAddress), _size(dwSize),
+                    _dword(flNewProtect))
 
 
 # ---- system information --------------------------------------------------------------------
@@ -125,14 +131,14 @@ _ARCHITECTURES = {"x86_64": (9, 8664), "amd64": (9, 8664), "aarch64": (12, 0), "
 def GetSystemInfo():
     info = default_client().info
     architecture, processor_type = _ARCHITECTURES.get(platform.machine().lower(), (0xFFFF, 0))
-    cpus = len(os.sched_getaffinity(0))
+    cpus = os.sched_getaffinity(0)
     return SYSTEM_INFO(
         wProcessorArchitecture=architecture,
         dwPageSize=info["page_size"],
         lpMinimumApplicationAddress=info["min_address"],
         lpMaximumApplicationAddress=info["size"] - 1,
-        dwActiveProcessorMask=sum(1 << cpu for cpu in os.sched_getaffinity(0)),
-        dwNumberOfProcessors=cpus,
+        dwActiveProcessorMask=sum(1 << cpu for cpu in cpus),
+        dwNumberOfProcessors=len(cpus),
         dwProcessorType=processor_type,
         dwAllocationGranularity=info["granularity"],
         wProcessorLevel=6,
@@ -156,7 +162,7 @@ class MEMORYSTATUSEX:
 def GlobalMemoryStatusEx():
     """Physical memory from the OS; the 'page file' is the daemon's commit limit and what is
     left of it; 'virtual' is the segment's user address space and its free part."""
-    status = default_client().call("memory_status")
+    status = default_client().memory_status()
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return MEMORYSTATUSEX(
@@ -219,44 +225,36 @@ def RaiseLastError():
 # ---- heaps ---------------------------------------------------------------------------------
 # The allocator runs in this process (shmheap/heap.py); only commit changes reach the daemon.
 
-_HEAP_FAILURE = ShmheapError
-
-
-def _client():
-    """default_client() with its fast path inlined, for the per-block calls."""
-    client = client_module._default
-    return client if client is not None and client._sock is not None else default_client()
+_NO_LOCK = nullcontext()
+_OUT_OF_MEMORY = {WinError.ERROR_NOT_ENOUGH_MEMORY, WinError.ERROR_COMMITMENT_LIMIT,
+                  WinError.ERROR_OUTOFMEMORY}
 
 
 def _heap(hHeap):
-    """This process's heap for a handle, or None with ERROR_INVALID_HANDLE (a handle of
-    another process, a destroyed heap, or garbage)."""
-    heap = _client().heaps.get(_ptr(hHeap))
+    """This process's heap for a handle; ERROR_INVALID_HANDLE for a handle of another
+    process, a destroyed heap, or garbage."""
+    heap = default_client().heaps.get(hHeap & _MASK64)
     if heap is None:
-        _state.last_error = WinError.ERROR_INVALID_HANDLE
+        raise_for(WinError.ERROR_INVALID_HANDLE, f"no heap {hHeap:#x} in this process")
     return heap
 
 
 def _serialized(heap, flags):
-    if (flags | heap.flags) & HEAP_NO_SERIALIZE:
-        return nullcontext()
-    return heap.lock
+    """The heap's lock, unless the heap or the call says HEAP_NO_SERIALIZE."""
+    return _NO_LOCK if (flags | heap.flags) & HEAP_NO_SERIALIZE else heap.lock
+
+
+def _heap_failed(exc, failure, hHeap, flags):
+    """A failed heap call; with HEAP_GENERATE_EXCEPTIONS out of memory raises
+    STATUS_NO_MEMORY instead (HC-14)."""
+    heap = default_client().heaps.get(hHeap & _MASK64)
+    if heap is not None and (flags | heap.flags) & HEAP_GENERATE_EXCEPTIONS and exc.winerror in _OUT_OF_MEMORY:
+        raise_for(WinError.STATUS_NO_MEMORY, str(exc))
+    return _failed(exc, failure)
 
 
 def _outside_segment(address):
     return not MIN_ADDRESS <= address < default_client().info["size"]
-
-
-def _heap_failed(heap, flags, exc, failure):
-    """Record a heap failure; with HEAP_GENERATE_EXCEPTIONS raise STATUS_NO_MEMORY (HC-14)."""
-    if (flags | heap.flags) & HEAP_GENERATE_EXCEPTIONS and exc.winerror in _OUT_OF_MEMORY:
-        raise_for(WinError.STATUS_NO_MEMORY, str(exc))
-    _state.last_error = exc.winerror
-    return failure
-
-
-_OUT_OF_MEMORY = {WinError.ERROR_NOT_ENOUGH_MEMORY, WinError.ERROR_COMMITMENT_LIMIT,
-                  WinError.ERROR_OUTOFMEMORY}
 
 
 def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):
@@ -265,22 +263,18 @@ def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):
     try:
         heap = default_client().heap_create(_dword(flOptions), _size(dwInitialSize),
                                             _size(dwMaximumSize), name)
-    except _HEAP_FAILURE as exc:
-        _state.last_error = exc.winerror
-        return 0
+    except ShmheapError as exc:
+        return _failed(exc, 0)
     return heap.base
 
 
 def HeapDestroy(hHeap):
-    heap = _heap(hHeap)
-    if heap is None:
-        return False
     try:
+        heap = _heap(hHeap)
         with heap.lock:
             default_client().heap_destroy(heap)
-    except _HEAP_FAILURE as exc:
-        _state.last_error = exc.winerror
-        return False
+    except ShmheapError as exc:
+        return _failed(exc, False)
     return True
 
 
@@ -298,18 +292,13 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
 
 
 def HeapAlloc(hHeap, dwFlags, dwBytes):
-    heap = _client().heaps.get(hHeap & _MASK64)
-    if heap is None:
-        _state.last_error = WinError.ERROR_INVALID_HANDLE
-        return 0
     flags = dwFlags & _MASK32
     try:
-        if (flags | heap.flags) & HEAP_NO_SERIALIZE:
+        heap = _heap(hHeap)
+        with _serialized(heap, flags):
             return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
-        with heap.lock:
-            return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
-    except _HEAP_FAILURE as exc:
-        return _heap_failed(heap, flags, exc, 0)
+    except ShmheapError as exc:
+        return _heap_failed(exc, 0, hHeap, flags)
 
 
 def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
@@ -317,96 +306,85 @@ def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
     if address == 0:
         _state.last_error = WinError.ERROR_SUCCESS  # HR-01
         return 0
-    heap = _heap(hHeap)
-    if heap is None:
-        return 0
     flags = _dword(dwFlags)
-    if _outside_segment(address):
-        _state.last_error = WinError.ERROR_NOACCESS
-        return 0
     try:
+        heap = _heap(hHeap)
+        if _outside_segment(address):
+            raise_for(WinError.ERROR_NOACCESS, f"{address:#x} is outside the segment")
         with _serialized(heap, flags):
             return heap.realloc(address, _size(dwBytes), zero=bool(flags & HEAP_ZERO_MEMORY),
                                 in_place_only=bool(flags & HEAP_REALLOC_IN_PLACE_ONLY))
-    except _HEAP_FAILURE as exc:
-        return _heap_failed(heap, flags, exc, 0)
+    except ShmheapError as exc:
+        return _heap_failed(exc, 0, hHeap, flags)
 
 
 def HeapFree(hHeap, dwFlags, lpMem):
     address = lpMem & _MASK64
     if address == 0:
         return True  # HF-01: NULL short-circuits before the heap is looked at
-    client = _client()
-    heap = client.heaps.get(hHeap & _MASK64)
-    if heap is None:
-        _state.last_error = WinError.ERROR_INVALID_HANDLE
-        return False
     try:
-        if (dwFlags | heap.flags) & HEAP_NO_SERIALIZE:
+        heap = _heap(hHeap)
+        with _serialized(heap, dwFlags & _MASK32):
             heap.free(address)
-        else:
-            with heap.lock:
-                heap.free(address)
-    except _HEAP_FAILURE as exc:
-        # HF-06: an address outside the segment is unmapped memory; one in memory no heap of
-        # ours holds is not heap memory at all (the last error stays); in a heap, a bad block.
-        if not MIN_ADDRESS <= address < client.info["size"]:
+        return True
+    except ShmheapError as exc:
+        if exc.winerror == WinError.ERROR_INVALID_HANDLE:
+            return _failed(exc, False)  # no such heap
+        # HF-06, a bad block: an address outside the segment is unmapped memory; one in memory
+        # no heap of ours holds is not heap memory at all (the last error stays).
+        if _outside_segment(address):
             _state.last_error = WinError.ERROR_NOACCESS
-        elif not _in_foreign_region(client, address):
-            _state.last_error = exc.winerror
-        return False
-    return True
+            return False
+        if _in_foreign_region(address):
+            return False
+        return _failed(exc, False)
 
 
-def _in_foreign_region(client, address):
+def _in_foreign_region(address):
     """True if `address` lies in live memory that is no heap's of ours (a VirtualAlloc
     region, say): a failure path only, so one round trip is fine."""
-    error, fields = client.call_raw("virtual_query", address)
-    if error or fields[4] == MEM_FREE:
+    client = default_client()
+    try:
+        info = client.virtual_query(address)
+    except ShmheapError:
         return False
-    base = fields[1]
-    return not any(base in heap.segment_bases or base in heap.large for heap in client.heaps.values())
+    return info.State != MEM_FREE and not any(
+        heap.has_region(info.AllocationBase) for heap in client.heaps.values())
 
 
 def HeapSize(hHeap, dwFlags, lpMem):
     """The exact requested size, or (SIZE_T)-1 with ERROR_INVALID_PARAMETER (HF-07)."""
-    heap = _heap(hHeap)
-    if heap is None:
-        return _MASK64
     try:
+        heap = _heap(hHeap)
         with _serialized(heap, _dword(dwFlags)):
             address = _ptr(lpMem)
             if heap.checking and not heap.validate(address):
                 raise_for(WinError.ERROR_INVALID_PARAMETER, "block fails validation")
             return heap.size(address)
-    except _HEAP_FAILURE as exc:
-        _state.last_error = exc.winerror
-        return _MASK64
+    except ShmheapError as exc:
+        return _failed(exc, _MASK64)
 
 
 def HeapValidate(hHeap, dwFlags, lpMem):
-    """TRUE if the block (or, for NULL, the whole heap) is sound. A failure leaves the last
-    error alone (HF-04, HF-05)."""
-    heap = _heap(hHeap)
-    if heap is None:
-        return False
-    address = _ptr(lpMem)
+    """TRUE if the block (or, for NULL, the whole heap) is sound. A failing block or heap
+    leaves the last error alone (HF-04, HF-05); a bad heap handle sets it."""
+    try:
+        heap = _heap(hHeap)
+    except ShmheapError as exc:
+        return _failed(exc, False)
     with _serialized(heap, _dword(dwFlags)):
-        return heap.validate(address or None)
+        return heap.validate(_ptr(lpMem) or None)
 
 
 def HeapCompact(hHeap, dwFlags):
     """Gives free memory back; returns the largest committed free range (0 with NO_ERROR when
     there is none, HI-07)."""
-    heap = _heap(hHeap)
-    if heap is None:
-        return 0
     try:
+        heap = _heap(hHeap)
         with _serialized(heap, _dword(dwFlags)):
             largest = heap.compact()
-    except _HEAP_FAILURE as exc:
-        _state.last_error = exc.winerror
-        return 0
+    except ShmheapError as exc:
+        return _failed(exc, 0)
     if not largest:
         _state.last_error = WinError.ERROR_SUCCESS
     return largest
@@ -415,24 +393,25 @@ def HeapCompact(hHeap, dwFlags):
 def HeapLock(hHeap):
     """Take the heap's lock (recursive for its owner). A HEAP_NO_SERIALIZE heap has none to
     take: TRUE, excluding nothing (HL-03)."""
-    heap = _heap(hHeap)
-    if heap is None:
-        return False
+    try:
+        heap = _heap(hHeap)
+    except ShmheapError as exc:
+        return _failed(exc, False)
     if not heap.flags & HEAP_NO_SERIALIZE:
         heap.lock.acquire()
     return True
 
 
 def HeapUnlock(hHeap):
-    heap = _heap(hHeap)
-    if heap is None:
-        return False
-    if not heap.flags & HEAP_NO_SERIALIZE:
-        try:
-            heap.lock.release()
-        except RuntimeError:
-            _state.last_error = WinError.ERROR_NOT_LOCKED
-            return False
+    try:
+        heap = _heap(hHeap)
+        if not heap.flags & HEAP_NO_SERIALIZE:
+            try:
+                heap.lock.release()
+            except RuntimeError:
+                raise_for(WinError.ERROR_NOT_LOCKED, "the heap is not locked by this thread")
+    except ShmheapError as exc:
+        return _failed(exc, False)
     return True
 
 
@@ -455,7 +434,7 @@ class PROCESS_HEAP_ENTRY:
         self.iRegionIndex = 0
         self.wFlags = 0
         self.Region = self._Region()
-        self._walk = None
+        self.walk = None  # the snapshot being walked
 
     def __repr__(self):
         return (f"PROCESS_HEAP_ENTRY(lpData={self.lpData:#x}, cbData={self.cbData}, cbOverhead="
@@ -469,118 +448,138 @@ _WALK_FLAGS = {"region": PROCESS_HEAP_REGION, "uncommitted": PROCESS_HEAP_UNCOMM
 def HeapWalk(hHeap, lpEntry):
     """Fill lpEntry with the next entry of the heap; FALSE with ERROR_NO_MORE_ITEMS at the end.
     The walk reads a snapshot taken when lpData is 0 (hold HeapLock to keep it current)."""
-    heap = _heap(hHeap)
-    if heap is None:
-        return False
-    if lpEntry.lpData == 0 or lpEntry._walk is None:
+    try:
+        heap = _heap(hHeap)
+    except ShmheapError as exc:
+        return _failed(exc, False)
+    if lpEntry.lpData == 0 or lpEntry.walk is None:
         with _serialized(heap, 0):
-            lpEntry._walk = iter(list(heap.walk()))
-    item = next(lpEntry._walk, None)
+            lpEntry.walk = iter(list(heap.walk()))
+    item = next(lpEntry.walk, None)
     if item is None:
-        lpEntry._walk = None
+        lpEntry.walk = None
         _state.last_error = WinError.ERROR_NO_MORE_ITEMS
         return False
-    kind, address, size, overhead, index, segment = item
+    kind, address, size, overhead, index, region = item
     lpEntry.lpData, lpEntry.cbData, lpEntry.cbOverhead = address, size, overhead
     lpEntry.iRegionIndex, lpEntry.wFlags = index, _WALK_FLAGS[kind]
     if kind == "region":
         lpEntry.Region = PROCESS_HEAP_ENTRY._Region(
-            segment.committed_end - segment.base, segment.end - segment.committed_end,
-            segment.start, segment.end)
+            region.committed_end - region.base, region.end - region.committed_end,
+            region.start, region.end)
     return True
 
 
 # ---- LocalAlloc: moveable and fixed objects on the process heap (private) ------------------
 
-def _local(op, *args):
-    client = default_client()
-    with client.process_heap.lock:
-        value, error = getattr(client.local_objects, op)(*args)
-    if error is not None:
-        _state.last_error = error
-    return value
+def _local(method, *args):
+    """method(table, *args) on this process's LocalAlloc table, under the process heap's lock."""
+    table = default_client().local_objects
+    with table.heap.lock:
+        return method(table, *args)
 
 
 def LocalAlloc(uFlags, uBytes):
-    return _local("alloc", _dword(uFlags), _size(uBytes))
+    return _attempt(0, _local, MoveableTable.alloc, _dword(uFlags), _size(uBytes))
 
 
 def LocalFree(hMem):
     """NULL on success; the handle back, with the error set, on failure."""
-    return _local("free", _ptr(hMem))
+    handle = _ptr(hMem)
+    try:
+        _local(MoveableTable.free, handle)
+    except ShmheapError as exc:
+        return _failed(exc, handle)
+    return 0
 
 
 def LocalReAlloc(hMem, uBytes, uFlags):
-    return _local("realloc", _ptr(hMem), _size(uBytes), _dword(uFlags))
+    return _attempt(0, _local, MoveableTable.realloc, _ptr(hMem), _size(uBytes), _dword(uFlags))
 
 
 def LocalSize(hMem):
-    return _local("size", _ptr(hMem))
+    return _attempt(0, _local, MoveableTable.size, _ptr(hMem))
 
 
 def LocalLock(hMem):
-    return _local("lock", _ptr(hMem))
+    try:
+        return _local(MoveableTable.lock, _ptr(hMem))
+    except ShmheapError as exc:
+        if exc.winerror == WinError.ERROR_NOACCESS:
+            return 0  # GL-21: LocalLock of a value that is no memory leaves the error alone
+        return _failed(exc, 0)
 
 
 def LocalUnlock(hMem):
-    return _local("unlock", _ptr(hMem))
+    try:
+        locked = _local(MoveableTable.unlock, _ptr(hMem))
+    except ShmheapError as exc:
+        return _failed(exc, False)
+    if not locked:
+        _state.last_error = WinError.ERROR_SUCCESS  # GL-06: the count reached 0
+    return locked
 
 
 def LocalFlags(hMem):
-    return _local("flags", _ptr(hMem))
+    return _attempt(LMEM_INVALID_HANDLE, _local, MoveableTable.flags, _ptr(hMem))
 
 
 def LocalHandle(pMem):
-    return _local("handle", _ptr(pMem))
+    return _attempt(0, _local, MoveableTable.handle, _ptr(pMem))
 
 
 def LocalDiscard(hMem):
-    return _local("discard", _ptr(hMem))
+    return _attempt(0, _local, MoveableTable.discard, _ptr(hMem))
 
 
 # ---- GlobalAlloc: objects in the daemon's global heap, valid in every process --------------
-# The daemon keeps the objects, lock counts and ownership; each call is one round trip and
-# returns the Win32 value together with the last error it sets (or None: left alone).
-
-def _global(op, *args):
-    value, error = default_client().call(op, *args)
-    if error is not None:
-        _state.last_error = error
-    return value
-
+# The daemon keeps the objects, lock counts and ownership; each call is one round trip.
 
 def GlobalAlloc(uFlags, dwBytes):
     """A fixed object (its handle is its address) or, with GMEM_MOVEABLE, a handle to lock.
     It dies with this process unless GMEM_DDESHARE / GMEM_SHARE."""
-    return _global("global_alloc", _dword(uFlags), _size(dwBytes))
+    return _attempt(0, default_client().global_alloc, _dword(uFlags), _size(dwBytes))
 
 
 def GlobalFree(hMem):
-    return _global("global_free", _ptr(hMem))
+    """NULL on success; the handle back, with the error set, on failure."""
+    handle = _ptr(hMem)
+    try:
+        default_client().global_free(handle)
+    except ShmheapError as exc:
+        return _failed(exc, handle)
+    return 0
 
 
 def GlobalReAlloc(hMem, dwBytes, uFlags):
-    return _global("global_realloc", _ptr(hMem), _size(dwBytes), _dword(uFlags))
+    return _attempt(0, default_client().global_realloc, _ptr(hMem), _size(dwBytes), _dword(uFlags))
 
 
 def GlobalSize(hMem):
-    return _global("global_size", _ptr(hMem))
+    return _attempt(0, default_client().global_size, _ptr(hMem))
 
 
 def GlobalLock(hMem):
-    return _global("global_lock", _ptr(hMem))
+    return _attempt(0, default_client().global_lock, _ptr(hMem))
 
 
 def GlobalUnlock(hMem):
-    return _global("global_unlock", _ptr(hMem))
+    try:
+        locked = default_client().global_unlock(_ptr(hMem))
+    except ShmheapError as exc:
+        # GL-18: a freed handle answers TRUE (with the error); anything else FALSE.
+        return _failed(exc, exc.winerror == WinError.ERROR_INVALID_HANDLE)
+    if not locked:
+        _state.last_error = WinError.ERROR_SUCCESS  # GL-06: the count reached 0
+    return locked
 
 
 def GlobalFlags(hMem):
-    return _global("global_flags", _ptr(hMem))
+    return _attempt(GMEM_INVALID_HANDLE, default_client().global_flags, _ptr(hMem))
 
 
 def GlobalHandle(pMem):
-    return _global("global_handle", _ptr(pMem))
+    return _attempt(0, default_client().global_handle, _ptr(pMem))
 
 
 def GlobalDiscard(hMem):
@@ -589,7 +588,7 @@ def GlobalDiscard(hMem):
 
 def GlobalCompact(dwMinFree):
     """Moves unlocked moveable objects together; returns the largest free block."""
-    return _global("global_compact", _size(dwMinFree))
+    return _attempt(0, default_client().global_compact, _size(dwMinFree))
 
 
 # ---- named file mappings (sections) -------------------------------------------------------
@@ -598,14 +597,13 @@ def CreateFileMapping(hFile, lpFileMappingAttributes, flProtect, dwMaximumSizeHi
                       dwMaximumSizeLow, lpName):
     """A pagefile-backed section (hFile must be INVALID_HANDLE_VALUE). Opening an existing
     name returns a handle to it and sets ERROR_ALREADY_EXISTS."""
-    if _ptr(hFile) != INVALID_HANDLE_VALUE:
-        _state.last_error = WinError.ERROR_INVALID_HANDLE  # sections of real files: not here
-        return 0
     size = (_dword(dwMaximumSizeHigh) << 32) | _dword(dwMaximumSizeLow)
-    result = _call(None, "section_create", _dword(flProtect), size, lpName or None)
-    if result is None:
-        return 0
-    handle, existed = result
+    try:
+        if _ptr(hFile) != INVALID_HANDLE_VALUE:  # sections of real files: not here
+            raise_for(WinError.ERROR_INVALID_HANDLE, "only pagefile-backed sections")
+        handle, existed = default_client().section_create(_dword(flProtect), size, lpName or None)
+    except ShmheapError as exc:
+        return _failed(exc, 0)
     _state.last_error = WinError.ERROR_ALREADY_EXISTS if existed else WinError.ERROR_SUCCESS
     return handle
 
@@ -614,7 +612,7 @@ CreateFileMappingW = CreateFileMappingA = CreateFileMapping
 
 
 def OpenFileMapping(dwDesiredAccess, bInheritHandle, lpName):
-    return _call(0, "section_open", _dword(dwDesiredAccess), str(lpName))
+    return _attempt(0, default_client().section_open, _dword(dwDesiredAccess), str(lpName))
 
 
 OpenFileMappingW = OpenFileMappingA = OpenFileMapping
@@ -625,13 +623,19 @@ def MapViewOfFile(hFileMappingObject, dwDesiredAccess, dwFileOffsetHigh, dwFileO
     """The address of the view: the section's own bytes, the same address in every process.
     FILE_MAP_READ alone makes this process's views read-only."""
     offset = (_dword(dwFileOffsetHigh) << 32) | _dword(dwFileOffsetLow)
-    return _call(0, "section_map", _ptr(hFileMappingObject), _dword(dwDesiredAccess), offset,
-                 _size(dwNumberOfBytesToMap))
+    return _attempt(0, default_client().section_map, _ptr(hFileMappingObject),
+                    _dword(dwDesiredAccess), offset, _size(dwNumberOfBytesToMap))
 
 
 def UnmapViewOfFile(lpBaseAddress):
-    return _call(False, "section_unmap", _ptr(lpBaseAddress))
+    return _attempt(False, default_client().section_unmap, _ptr(lpBaseAddress))
 
 
 def CloseHandle(hObject):
-    return _call(False, "section_close", _ptr(hObject))
+    return _attempt(False, default_client().section_close, _ptr(hObject))
+
+
+# `from shmheap.win32 import *` brings the Win32 names only: constants, error codes, structs
+# and calls, not this module's imports.
+__all__ = sorted({"WinError"} | {name for name, value in globals().items() if not name.startswith("_") and (
+    name.isupper() or getattr(value, "__module__", None) == __name__)})

@@ -10,11 +10,14 @@ import sys
 import tempfile
 import time
 
+import uuid
+
 import posix_ipc
 import pytest
 
-from shmheap import client as client_module
+import shmheap
 from shmheap import segment
+from shmheapd.kernel import Kernel
 from shmheapd.server import peer_is_listening
 
 
@@ -102,6 +105,23 @@ class Daemon:
 
 
 @pytest.fixture
+def make_kernel():
+    """Factory: make_kernel(size, commit_limit, process_commit_limit) builds the daemon's
+    kernel in this process, as shmheapd does, on a segment of its own; closed (and its
+    segment unlinked) at teardown."""
+    made = []
+
+    def make(size, commit_limit, process_commit_limit):
+        kernel = Kernel(f"/shmheap-test-{uuid.uuid4().hex[:12]}", size, commit_limit, process_commit_limit)
+        made.append(kernel)
+        return kernel
+
+    yield make
+    for kernel in made:
+        kernel.close()
+
+
+@pytest.fixture
 def short_dir():
     folder = tempfile.mkdtemp(prefix="shm", dir="/tmp")
     yield folder
@@ -134,7 +154,7 @@ def daemon(make_daemon):
 
 @pytest.fixture
 def client(daemon):
-    with client_module.connect(daemon.socket, autostart=False) as c:
+    with shmheap.connect(daemon.socket, autostart=False) as c:
         yield c
 
 
@@ -142,13 +162,17 @@ def bind_win32(daemon, monkeypatch):
     """Yield the Win32 facade bound to `daemon` (through SHMHEAP_SOCKET); at teardown the
     daemon must still be consistent. For fixtures: `yield from bind_win32(...)`."""
     monkeypatch.setenv("SHMHEAP_SOCKET", daemon.socket)
-    client_module.close_default()
+    shmheap.close_default()
     from shmheap import win32 as facade
-    client_module.default_client()  # connect now: a refused connection is a setup error
+    shmheap.default_client()  # connect now: a refused connection is a setup error
     facade.SetLastError(0)
     yield facade
-    client_module.default_client().check()
-    client_module.close_default()
+    client = shmheap.default_client()
+    client.check()  # the daemon's walkers: page table, heaps, global memory, sections, sessions
+    client.local_objects.check()  # and this process's: LocalAlloc's handle table, its heaps
+    for heap in client.heaps.values():
+        heap.check()
+    shmheap.close_default()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from shmheap import connect
 from shmheap.constants import MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
-from shmheap.errors import ShmheapPermissionError, WinError
+from shmheap.errors import ShmheapPermissionError, ShmheapValueError, WinError
 from shmheap.protocol import PROTOCOL_VERSION
 
 from conftest import Daemon, in_forked_child
@@ -67,7 +67,7 @@ def test_second_daemon_on_a_live_socket_refuses(daemon, client):
                           text=True, timeout=30)
     assert proc.returncode == 1
     assert "already running" in proc.stderr
-    assert client.call("echo", "still here") == "still here"
+    assert client.echo("still here") == "still here"
 
 
 def test_stale_socket_and_segment_of_a_killed_daemon_are_replaced(make_daemon):
@@ -87,13 +87,13 @@ def test_stale_socket_and_segment_of_a_killed_daemon_are_replaced(make_daemon):
 def test_idle_daemon_exits_and_cleans_up(make_daemon):
     daemon = make_daemon("--idle-exit", "0.3")
     with connect(daemon.socket, autostart=False) as c:
-        c.call("echo", 1)
+        c.echo(1)
     assert daemon.proc.wait(timeout=10) == 0
     assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
 
 
 def test_garbage_and_bad_frames_leave_others_served(daemon, client):
-    address = client.call("virtual_alloc", 0, 65536, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+    address = client.virtual_alloc(0, 65536, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
     client.view(address, 4, write=True)[:] = b"keep"
 
     cases = [
@@ -135,19 +135,22 @@ def test_garbage_and_bad_frames_leave_others_served(daemon, client):
     sock.close()
 
     assert bytes(client.view(address, 4)) == b"keep"
-    assert client.call("echo", "alive") == "alive"
+    assert client.echo("alive") == "alive"
     client.check()
     assert daemon.proc.poll() is None
 
 
 def test_pipelined_errors_do_not_hide_neighbours(client):
     requests = [("echo", (i,)) if i % 3 else ("virtual_query", (2**63,)) for i in range(300)]
-    replies = client.call_many(requests)
-    for i, (error, result) in enumerate(replies):
+    replies = client.connection.call_many(requests, return_exceptions=True)
+    for i, reply in enumerate(replies):
         if i % 3:
-            assert (error, result) == (0, i)
+            assert reply == i
         else:
-            assert error == WinError.ERROR_INVALID_PARAMETER
+            assert isinstance(reply, ShmheapValueError) and reply.winerror == WinError.ERROR_INVALID_PARAMETER
+    with pytest.raises(ShmheapValueError):  # without return_exceptions the first failure raises
+        client.connection.call_many(requests)
+    assert client.echo("after") == "after"  # every reply was read: the stream is in step
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another uid")
@@ -167,4 +170,4 @@ def test_other_uid_is_refused(daemon, client):
 
     assert in_forked_child(child) == 0, "a client of another uid was not refused with ERROR_ACCESS_DENIED"
     assert "refused pid" in daemon.log_text()
-    assert client.call("echo", 1) == 1
+    assert client.echo(1) == 1

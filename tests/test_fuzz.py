@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shmheap.errors import WinError
+from shmheap.errors import ShmheapError, WinError
 from shmheap.protocol import OPS, _list_u64, _map, _opt_str, _str, _u32, _u64
 
 EDGES = [0, 1, 15, 16, 4095, 4096, 0x10000, 0x10001, 0xFE000, 0xFE001, 2**31, 2**32 - 1,
@@ -39,14 +39,15 @@ def test_random_requests_never_break_the_daemon(client, seed):
         for _ in range(50):
             op = rng.choice(ops)
             batch.append((op, tuple(value_for(check, rng, addresses) for check in OPS[op])))
-        for (op, args), (error, result) in zip(batch, client.call_many(batch)):
-            if error == WinError.ERROR_GEN_FAILURE:
-                internal.append((op, args, result))
-            if not error and isinstance(result, int) and result > 0xFFFF:
+        for (op, args), result in zip(batch, client.connection.call_many(batch, return_exceptions=True)):
+            if isinstance(result, ShmheapError):
+                if result.winerror == WinError.ERROR_GEN_FAILURE:
+                    internal.append((op, args, str(result)))
+            elif isinstance(result, int) and result > 0xFFFF:
                 addresses.append(result)  # feed live addresses and handles back in
-            if not error and isinstance(result, list) and result and isinstance(result[0], int):
+            elif isinstance(result, list) and result and isinstance(result[0], int):
                 addresses.append(result[0])
         addresses = addresses[-50:]
     assert internal == [], internal[:5]
-    assert client.call("echo", "alive") == "alive"
+    assert client.echo("alive") == "alive"
     client.check()

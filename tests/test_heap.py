@@ -2,23 +2,20 @@
 daemon, by RPC) and the daemon's own (an in-process page table over a real segment). A
 seeded random walk checks it against a plain model of live blocks."""
 
-import os
 import random
-import uuid
 
 import pytest
 
-from shmheap import connect, segment
+from shmheap import connect
 from shmheap.errors import ShmheapMemoryError, ShmheapValueError
 from shmheap.heap import LARGE_THRESHOLD, SMALL_MAX, Heap, heap_layout
-from shmheapd.heaps import PageTablePages
-from shmheapd.pagetable import Backing, PageTable
+from shmheapd.handles import PageTablePages
 
 SIZE = 256 * 2**20
 
 
 @pytest.fixture(params=["client", "daemon"])
-def make_heap(request, daemon):
+def make_heap(request, daemon, make_kernel):
     """make_heap(initial, maximum, flags) -> Heap over the page source under test."""
     if request.param == "client":
         client = connect(daemon.socket, autostart=False)
@@ -31,30 +28,20 @@ def make_heap(request, daemon):
 
         yield make
         for heap in made:
-            if heap.segments:
+            if heap.alive:
                 client.heap_destroy(heap)
         client.check()
         client.close()
     else:
-        name = f"/shmheap-test-{uuid.uuid4().hex[:12]}"
-        shm = segment.create(name, SIZE, os.getpid(), 1)
-        mapping = segment.map_segment(name, SIZE)
-        table = PageTable(SIZE, Backing(shm.fd, mapping), SIZE, SIZE)
-        memory = memoryview(mapping)
+        kernel = make_kernel(SIZE, SIZE, SIZE)
 
         def make(initial=0, maximum=0, flags=0):
             reserve, commit, growable = heap_layout(initial, maximum)
-            source = PageTablePages(table, 0, memory)
-            base = source.reserve(reserve)
-            source.commit(base, commit)
-            return Heap(source, base, reserve, commit, flags=flags, growable=growable)
+            source = PageTablePages(kernel.pagetable, 0, kernel.memory)
+            return Heap(source, source.allocate(reserve, commit), reserve, commit, flags=flags, growable=growable)
 
         yield make
-        table.check()
-        memory.release()
-        mapping.close()
-        shm.close_fd()
-        segment.unlink_quietly(name)
+        kernel.check()
 
 
 def test_sizes_are_exact_and_blocks_aligned(make_heap):
@@ -153,7 +140,7 @@ def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed):
     heap.check()
     assert heap.live == 0
     assert heap.committed == start_commit
-    assert len(heap.segments) == 1 and not heap.large
+    assert len(heap.regions) == 1 and not heap.large
 
 
 def test_checking_finds_overruns_and_writes_after_free(make_heap):

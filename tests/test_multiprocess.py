@@ -28,7 +28,7 @@ def private_regions(client):
 
 
 def alloc(client, size):
-    return client.call("virtual_alloc", 0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+    return client.virtual_alloc(0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
 
 
 def _peer(socket_path, address, conn):
@@ -86,7 +86,7 @@ def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
     assert child.pid not in [p["pid"] for p in status["processes"]]
     assert f"pid {child.pid} gone: released 0 global objects, 0 section holds, 1 heaps, 1 regions" \
         in daemon.log_text()
-    assert client.call("virtual_query", address)[4] == 0x10000  # MEM_FREE
+    assert client.virtual_query(address).State == 0x10000  # MEM_FREE
     client.check()
 
 
@@ -94,9 +94,9 @@ def test_decommit_then_commit_reads_zeros(daemon, client):
     address = alloc(client, 4 * 65536)
     client.view(address, 4 * 65536, write=True)[:] = b"\xab" * (4 * 65536)
     before = daemon.resident_bytes()
-    client.call("virtual_free", address + 65536, 2 * 65536, MEM_DECOMMIT)
+    client.virtual_free(address + 65536, 2 * 65536, MEM_DECOMMIT)
     assert before - daemon.resident_bytes() == 2 * 65536
-    client.call("virtual_alloc", address + 65536, 2 * 65536, MEM_COMMIT, PAGE_READWRITE)
+    client.virtual_alloc(address + 65536, 2 * 65536, MEM_COMMIT, PAGE_READWRITE)
     assert bytes(client.view(address + 65536, 2 * 65536)) == bytes(2 * 65536)
     assert bytes(client.view(address, 65536)) == b"\xab" * 65536  # neighbours untouched
 
@@ -124,7 +124,7 @@ def test_commit_limits_across_processes(make_daemon):
         assert parent_end.recv() == ("refused", WinError.ERROR_COMMITMENT_LIMIT)  # global limit
         parent_end.send("bye")
         child.join(10)
-        c.call("virtual_free", first, 0, MEM_RELEASE)
+        c.virtual_free(first, 0, MEM_RELEASE)
         parent_end, child_end = spawn.Pipe()
         child = spawn.Process(target=_commit, args=(daemon.socket, 512 * 1024, child_end))
         child.start()
@@ -144,7 +144,7 @@ def test_fork_child_opens_its_own_connection(daemon, client):
     assert client.pid == os.getpid()
     wait_until(lambda: [r[0] for r in private_regions(client)] == [mine],
                what="the child's region to be reaped")
-    assert client.call("virtual_query", mine)[4] == MEM_COMMIT
+    assert client.virtual_query(mine).State == MEM_COMMIT
 
 
 def test_fork_child_cannot_use_its_parents_heaps(daemon, client):
@@ -174,7 +174,7 @@ def test_threads_share_one_connection(client):
                 address = alloc(client, 8192)
                 client.view(address, 8, write=True)[:] = address.to_bytes(8, "little")
                 assert bytes(client.view(address, 8)) == address.to_bytes(8, "little")
-                client.call("virtual_free", address, 0, MEM_RELEASE)
+                client.virtual_free(address, 0, MEM_RELEASE)
         except Exception as exc:  # reported below with the thread's failure
             errors.append(exc)
 
@@ -193,9 +193,9 @@ def test_many_clients_at_once(daemon, client):
               "from shmheap.constants import *\n"
               "with shmheap.connect(sys.argv[1], autostart=False) as c:\n"
               "    for _ in range(50):\n"
-              "        a = c.call('virtual_alloc', 0, 65536, MEM_COMMIT|MEM_RESERVE, PAGE_READWRITE)\n"
+              "        a = c.virtual_alloc(0, 65536, MEM_COMMIT|MEM_RESERVE, PAGE_READWRITE)\n"
               "        c.view(a, 1, write=True)[0] = 7\n"
-              "        c.call('virtual_free', a, 0, MEM_RELEASE)\n")
+              "        c.virtual_free(a, 0, MEM_RELEASE)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, daemon.socket]) for _ in range(6)]
     assert [p.wait(60) for p in procs] == [0] * 6
     assert private_regions(client) == []
@@ -207,7 +207,7 @@ def test_autostart_starts_an_embedded_daemon_that_exits_when_idle(short_dir, mon
     monkeypatch.setenv("SHMHEAP_SOCKET", path)
     monkeypatch.setenv("SHMHEAP_IDLE_EXIT", "0.5")
     with shmheap.connect() as c:  # nothing listens: starts one
-        assert c.call("echo", "up") == "up"
+        assert c.echo("up") == "up"
         daemon_pid = c.info["daemon_pid"]
         assert c.path == path
     wait_until(lambda: not os.path.exists(path), what="the idle daemon to exit")

@@ -1,9 +1,10 @@
-"""The page table in-process, over a real segment: runs, accounting, backing and a seeded
-random walk checked against a plain per-page model and `check()` after every step."""
+"""The page table in-process, in a kernel built as the daemon builds it (over a real
+segment): runs, accounting, backing and a seeded random walk checked against a plain per-page
+model and `check()` after every step. The kernel's own regions (the global heap's) are there
+from the start: `before` is what the table held before the test."""
 
-import os
 import random
-import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,25 +12,22 @@ from shmheap import segment
 from shmheap.constants import (MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_NOACCESS,
                                PAGE_READONLY, PAGE_READWRITE)
 from shmheap.errors import ShmheapError, WinError
-from shmheapd.pagetable import GRANULE, RESERVED, Backing, PageTable
+from shmheapd.pagetable import RESERVED
 
 PAGE = segment.PAGE_SIZE
 SIZE = 64 * 2**20
-HEADER_RESIDENT = PAGE  # the header written at creation occupies one page
 
 
 @pytest.fixture
-def table():
-    name = f"/shmheap-test-{uuid.uuid4().hex[:12]}"
-    shm = segment.create(name, SIZE, os.getpid(), 1)
-    mapping = segment.map_segment(name, SIZE)
-    try:
-        yield PageTable(SIZE, Backing(shm.fd, mapping), commit_limit=8 * 2**20,
-                        process_commit_limit=6 * 2**20)
-    finally:
-        mapping.close()
-        shm.close_fd()
-        segment.unlink_quietly(name)
+def table(make_kernel):
+    return make_kernel(SIZE, commit_limit=8 * 2**20, process_commit_limit=6 * 2**20).pagetable
+
+
+@pytest.fixture
+def before(table):
+    """What the table held before the test: commit, resident bytes, regions, free extents."""
+    return SimpleNamespace(committed=table.committed, resident=table.resident_bytes(),
+                           regions=list(table.regions), free=(list(table.free_starts), list(table.free_ends)))
 
 
 def test_commit_is_backed_and_decommit_punches_out(table):
@@ -58,27 +56,27 @@ def test_runs_split_and_coalesce(table):
     table.check()
 
 
-def test_commit_limits_refuse_cleanly(table):
+def test_commit_limits_refuse_cleanly(table, before):
     big = table.virtual_alloc(1, 0, 7 * 2**20, MEM_RESERVE, PAGE_READWRITE)
     with pytest.raises(ShmheapError) as info:
         table.virtual_alloc(1, big, 7 * 2**20, MEM_COMMIT, PAGE_READWRITE)  # over the process limit
     assert info.value.winerror == WinError.ERROR_COMMITMENT_LIMIT
-    assert table.committed == 0 and table.backing.resident_bytes() == HEADER_RESIDENT
+    assert table.committed == before.committed and table.resident_bytes() == before.resident
     table.virtual_alloc(1, big, 5 * 2**20, MEM_COMMIT, PAGE_READWRITE)
     with pytest.raises(ShmheapError) as info:
         table.virtual_alloc(2, 0, 4 * 2**20, MEM_COMMIT, PAGE_READWRITE)  # over the global limit
     assert info.value.winerror == WinError.ERROR_COMMITMENT_LIMIT
-    assert len(table.regions) == 1  # the implied reservation was undone too
+    assert len(table.regions) == len(before.regions) + 1  # the implied reservation was undone too
     table.check()
 
 
-def test_release_owner_returns_everything(table):
+def test_release_owner_returns_everything(table, before):
     for _ in range(5):
         table.virtual_alloc(7, 0, 3 * PAGE, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
     keep = table.virtual_alloc(8, 0, PAGE, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
     assert table.release_owner(7) == (5, 15 * PAGE)
-    assert list(table.regions) == [keep]
-    assert table.committed == PAGE and table.backing.resident_bytes() == PAGE + HEADER_RESIDENT
+    assert list(table.regions) == [*before.regions, keep]
+    assert table.committed == before.committed + PAGE and table.resident_bytes() == before.resident + PAGE
     table.check()
 
 
@@ -89,7 +87,7 @@ def test_address_space_exhaustion_is_not_enough_memory(table):
     table.check()
 
 
-def test_random_walk_matches_page_model(table):
+def test_random_walk_matches_page_model(table, before):
     """Seeded random reserve/commit/decommit/protect/release by three owners; after each step
     the table's view of every page equals a plain dict model, and check() passes."""
     rng = random.Random(2026)
@@ -144,8 +142,8 @@ def test_random_walk_matches_page_model(table):
                 assert region.owner == page_owner
                 assert next(region.runs((page - region.base) // PAGE, region.pages))[2] == value
     expected = sum(PAGE for _, value in model.values() if value)
-    assert table.committed == expected == table.backing.resident_bytes() - HEADER_RESIDENT
+    assert table.committed - before.committed == expected == table.resident_bytes() - before.resident
     for owner in (1, 2, 3):
         table.release_owner(owner)
-    assert table.committed == 0 and table.backing.resident_bytes() == HEADER_RESIDENT
-    assert table.free_starts == [GRANULE] and table.free_ends == [SIZE]
+    assert table.committed == before.committed and table.resident_bytes() == before.resident
+    assert (table.free_starts, table.free_ends) == before.free

@@ -82,10 +82,14 @@ def test_buffers_die_with_their_producer_unless_kept(daemon, client):
     child.join(10)
 
     def mortal_gone():
-        return client.call("global_size", mortal.address) == [0, WinError.ERROR_INVALID_HANDLE]
+        try:
+            client.global_size(mortal.address)
+            return False
+        except shmheap.ShmheapValueError as exc:
+            return exc.winerror == WinError.ERROR_INVALID_HANDLE
 
     wait_until(mortal_gone, what="the dead producer's buffer to be freed")
-    assert client.call("global_size", kept.address) == [4096, None]
+    assert client.global_size(kept.address) == 4096
     assert bytes(kept.view()[:4]) == b"stay"
     kept.free()  # any process may free a kept buffer
     with pytest.raises(shmheap.ShmheapError) as info:
@@ -99,7 +103,7 @@ def test_batch_allocation_is_one_round_trip_and_all_or_nothing(client):
     spans = sorted((b.address, b.address + b.size) for b in buffers)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
     assert client.status()["global_objects"] == 10_000
-    client.call_many([("global_free", (b.address,)) for b in buffers])
+    client.free_many(buffers)
     assert client.status()["global_objects"] == 0
     with pytest.raises(ShmheapMemoryError):
         client.share_many([100] * 10 + [2**62])  # the last cannot be had: none are kept
@@ -135,6 +139,6 @@ def test_kept_pages_give_way_to_a_commit_that_needs_them(make_daemon):
     daemon = make_daemon("--commit-limit", "24M")
     with shmheap.connect(daemon.socket, autostart=False) as c:
         c.share(16 << 20).free()  # 16 MiB kept committed for reuse
-        address = c.call("virtual_alloc", 0, 16 << 20, 0x3000, 0x04)  # needs them back
-        assert c.call("virtual_query", address)[4] == 0x1000
+        address = c.virtual_alloc(0, 16 << 20, 0x3000, 0x04)  # needs them back
+        assert c.virtual_query(address).State == 0x1000
         c.check()

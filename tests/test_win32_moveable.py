@@ -356,3 +356,18 @@ def test_gl40_free_of_locked_moveable_block(win32, m):
     expect(win32, m.Free, h, result=0)
     expect(win32, m.Flags, h, result=m.INVALID_HANDLE, error=ERROR_INVALID_HANDLE)
     assert m.data_freed(p)  # its data went too
+
+
+def test_the_handle_table_itself_is_no_object(win32, m):
+    """The pointer slots of moveable handles live in a heap block of the table's own. Handed
+    to the family's calls that block names no object: freeing it would free every live handle
+    with it (the fuzz test found GlobalFree doing just that)."""
+    h = ok(win32, m.Alloc, m.MOVEABLE, 32)
+    win32.write(ok(win32, m.Lock, h), b"still here")
+    table = (h & m.address_mask) - 8  # the first handle of a fresh table is its first slot
+    expect(win32, m.Free, table, result=table, error=ERROR_INVALID_HANDLE)
+    expect(win32, m.Size, table, result=0, error=ERROR_INVALID_HANDLE)
+    expect(win32, m.Flags, table, result=m.INVALID_HANDLE, error=ERROR_INVALID_HANDLE)
+    others = [ok(win32, m.Alloc, m.MOVEABLE, 32) for _ in range(4)]  # nothing reuses the slots
+    assert len({h, *others}) == 5
+    assert win32.read(ok(win32, m.Lock, h), 10) == b"still here"

@@ -1,0 +1,175 @@
+"""The kernel: the daemon's whole state, built in one place, and the op table over it.
+
+    segment ─ Backing ─ PageTable ─┬─ Heaps          (the clients' private heaps)
+                                   ├─ GlobalMemory   (GlobalAlloc's objects, the global heap)
+                                   └─ Sections       (named file mappings)
+    Sessions                       (connections and processes; the reaper on the last close)
+
+`Kernel` creates the segment, maps it and builds each service over the page table; `main()`
+and the tests both build it this way. The services reach one another only through public
+methods; the wiring between them is here: the page table asks the global memory to give back
+its cache under commit pressure, and the server's loop calls `housekeeping`.
+
+`ops` is the op table: every op of `shmheap.protocol.OPS` but "hello" (the server's, since it
+is about the connection) maps to a service method called as `method(pid, *args)`, named as
+the op is in the client's stub, so one grep finds a message's life.
+"""
+
+import os
+import time
+
+from shmheap import segment
+from shmheap.errors import ShmheapError, WinError
+from shmheap.protocol import HELLO, OPS, PROTOCOL_VERSION
+
+from .handles import GlobalMemory
+from .heaps import Heaps
+from .pagetable import SYSTEM, Backing, PageTable
+from .reaper import release_process
+from .sections import Sections
+from .sessions import Sessions
+
+
+class Kernel:
+    shm = mapping = memory = None  # a half-built kernel is safe to close
+
+    def __init__(self, name, size, commit_limit, process_commit_limit):
+        self.name = name
+        self.shm = segment.create(name, size, os.getpid(), time.time_ns())
+        try:
+            self.mapping = segment.map_segment(name, size)
+            self.memory = memoryview(self.mapping)  # the global heap's view of the bytes
+            self.pagetable = PageTable(size, Backing(self.shm.fd, self.mapping), commit_limit,
+                                       process_commit_limit, reclaim=self._reclaim)
+            self.heaps = Heaps(self.pagetable)
+            self.global_memory = GlobalMemory(self.pagetable, self.memory)
+            self.sections = Sections(self.pagetable)
+            self.sessions = Sessions()
+        except BaseException:
+            self.close()
+            raise
+        self.info = {"version": PROTOCOL_VERSION, "segment": name, "size": size,
+                     "page_size": segment.PAGE_SIZE, "granularity": segment.ALLOCATION_GRANULARITY,
+                     "min_address": segment.MIN_ADDRESS, "daemon_pid": os.getpid(),
+                     "generation": segment.read_header(self.shm.fd).generation,
+                     "commit_limit": commit_limit, "process_commit_limit": process_commit_limit}
+        self.ops = self._op_table()
+
+    def _op_table(self):
+        pages, heaps, memory, sections = self.pagetable, self.heaps, self.global_memory, self.sections
+        table = {
+            "echo": lambda pid, value: value,
+            "system_info": self.system_info,
+            "memory_status": self.memory_status,
+            "virtual_alloc": pages.virtual_alloc,
+            "virtual_free": pages.virtual_free,
+            "virtual_query": pages.virtual_query,
+            "virtual_protect": pages.virtual_protect,
+            "access": pages.access,
+            "heap_create": heaps.create,
+            "heap_extend": heaps.extend,
+            "heap_commit": heaps.commit,
+            "heap_decommit": heaps.decommit,
+            "heap_release": heaps.release,
+            "heap_destroy": heaps.destroy,
+            "heap_list": lambda pid: heaps.list(),
+            "global_alloc": memory.alloc,
+            "global_alloc_many": memory.alloc_many,
+            "global_free": memory.free,
+            "global_realloc": memory.realloc,
+            "global_size": memory.size,
+            "global_lock": memory.lock,
+            "global_unlock": memory.unlock,
+            "global_flags": memory.flags,
+            "global_handle": memory.handle,
+            "global_compact": memory.compact,
+            "section_create": sections.create,
+            "section_open": sections.open,
+            "section_map": sections.map,
+            "section_unmap": sections.unmap,
+            "section_close": sections.close,
+            "section_list": lambda pid: sections.list(),
+            "status": self.status,
+            "check": lambda pid: self.check(),
+        }
+        if set(table) != set(OPS) - {HELLO}:
+            raise RuntimeError(f"the op table and protocol.OPS disagree: {set(table) ^ set(OPS)}")
+        return table
+
+    # ---- processes -----------------------------------------------------------------------
+
+    def attach(self, session):
+        """A connection said hello: its process now exists for every service."""
+        self.sessions.attach(session)
+
+    def detach(self, session):
+        """A connection closed; the last of a process's takes everything it held with it."""
+        process = self.sessions.detach(session)
+        if process is not None:
+            release_process(process.pid, self)
+
+    # ---- periodic work -------------------------------------------------------------------
+
+    def housekeeping(self, now):
+        """Work due by time; returns the seconds until it is due again, or None."""
+        return self.global_memory.housekeeping(now)
+
+    def _reclaim(self):
+        """The page table is short of commit: give back what is kept only as a cache."""
+        return self.global_memory.release_cache()
+
+    # ---- the ops the kernel answers itself -----------------------------------------------
+
+    def system_info(self, pid):
+        return dict(self.info, pid=pid)
+
+    def memory_status(self, pid):
+        table = self.pagetable
+        return {"commit_limit": table.commit_limit, "committed": table.committed,
+                "process_committed": table.committed_by(pid),
+                "process_commit_limit": table.process_commit_limit,
+                "resident": table.resident_bytes(),
+                "total_virtual": table.size - segment.MIN_ADDRESS,
+                "free_virtual": table.free_bytes()}
+
+    def status(self, pid):
+        table = self.pagetable
+        return {
+            "daemon_pid": self.info["daemon_pid"],
+            "processes": [{"pid": p.pid, "connections": len(p.sessions), "started": p.started,
+                           "committed": table.committed_by(p.pid)}
+                          for p in self.sessions.processes.values()],
+            "regions": [[r.base, r.size, r.owner, r.kind, r.committed_pages] for r in table.regions_in_order()],
+            "committed": table.committed,
+            "resident": table.resident_bytes(),
+            "global_objects": self.global_memory.live_objects,
+            "sections": self.sections.count,
+        }
+
+    def check(self):
+        """Walk every service's invariants, and theirs together: every region a process owns
+        belongs to a live process. Raises ShmheapError (ERROR_GEN_FAILURE) naming what broke."""
+        try:
+            result = dict(self.pagetable.check())
+            for service in (self.heaps, self.global_memory, self.sections, self.sessions):
+                result.update(service.check())
+            orphans = {region.owner for region in self.pagetable.regions_in_order()
+                       if region.owner != SYSTEM and region.owner not in self.sessions.processes}
+            if orphans:
+                raise RuntimeError(f"regions of processes that are gone: {sorted(orphans)}")
+        except RuntimeError as exc:
+            raise ShmheapError(WinError.ERROR_GEN_FAILURE, str(exc)) from None
+        return result
+
+    # ---- the end -------------------------------------------------------------------------
+
+    def close(self):
+        """Unmap and unlink the segment."""
+        if self.memory is not None:
+            self.memory.release()
+        if self.mapping is not None:
+            self.mapping.close()
+        if self.shm is not None:
+            self.shm.close_fd()
+            segment.unlink_quietly(self.name)
+            self.shm = None

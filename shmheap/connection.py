@@ -1,0 +1,200 @@
+"""The connection: one Unix socket to the daemon, its handshake and its framing.
+
+Theory of operation
+-------------------
+A Connection opens the socket (starting an embedded daemon first if none listens and it may),
+sends the handshake, then carries requests and replies framed by `protocol` (the same sans-IO
+Decoder the daemon uses). A lock covers each round trip (send, then read until the replies
+with our msgids are in), so threads share one connection and take turns; `call_many`
+pipelines a batch in one write and one read.
+
+Whoever owns the connection may send requests of its own with the handshake (the client
+creates its process heap there), so connecting is one round trip: `greeting()` names them and
+`on_open(info, results)` receives the daemon's hello and their results.
+
+Fork hygiene: a forked child never speaks on its parent's socket. A fork hook closes the
+child's copy of the descriptor (the parent's stays open); the next call in the child opens a
+new connection under the child's own pid. A lost connection is reopened the same way, but
+never by starting a daemon: a client whose daemon died gets errors, not a silent replacement
+(the generation in the hello tells a restarted daemon from the one we knew).
+"""
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
+from .protocol import Decoder, encode_request, hello_request, parse_reply
+
+AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
+CONNECT_TIMEOUT = 10.0
+RECV_SIZE = 64 * 1024
+
+_connections = weakref.WeakSet()
+
+
+class Connection:
+    sock = None  # a half-built connection is safe to close
+
+    def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
+                 on_open=None):
+        self.path = path
+        self.autostart = autostart
+        self.timeout = timeout
+        self.greeting = greeting  # () -> [(op, args)] to send with the hello
+        self.on_open = on_open  # (info, results) -> None, once the handshake is answered
+        self.info = None  # the daemon's hello reply
+        self.closed = False
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        # A reused buffer: a fresh 64 KiB bytes per recv costs an mmap/munmap each time.
+        self._buffer = bytearray(RECV_SIZE)
+        self._buffer_view = memoryview(self._buffer)
+        _connections.add(self)
+
+    def ensure_open(self):
+        """Connect now if not connected (the first time, or again after fork or loss)."""
+        with self._lock:
+            if self.sock is None:
+                self._open()
+
+    def _open(self):
+        if self.closed:
+            raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "connection is closed")
+        self.sock = _open_socket(self.path, self.autostart and self.info is None, self.timeout)
+        self._decoder = Decoder()
+        try:
+            hello, *results = self._roundtrip(
+                [hello_request(os.getpid()), *self.greeting()], True)
+            if isinstance(hello, ShmheapError):
+                raise_for(hello.winerror, f"handshake refused: {hello.args[0]}")
+            if self.info is not None and hello["generation"] != self.info["generation"]:
+                raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "the daemon restarted; reconnect")
+            self.info = hello
+            if self.on_open is not None:
+                self.on_open(hello, results)
+        except BaseException:
+            self.drop()
+            raise
+
+    def call(self, op, *args):
+        """One request; returns its result or raises the exception for its Win32 error."""
+        with self._lock:
+            if self.sock is None:
+                self._open()
+            msgid = next(self._ids)
+            (result,) = self._exchange(encode_request(msgid, op, args), (msgid,), False)
+            return result
+
+    def call_many(self, requests, *, return_exceptions=False):
+        """Pipeline [(op, args), ...] in one write; returns their results in order. Every
+        reply is read before a failure is raised (the first), so none is lost; with
+        `return_exceptions` a failure stands in its request's place as the exception."""
+        with self._lock:
+            if self.sock is None:
+                self._open()
+            return self._roundtrip(requests, return_exceptions)
+
+    def _roundtrip(self, requests, return_exceptions):
+        """Under the lock: number, send and await [(op, args), ...] on the open socket."""
+        ids = [next(self._ids) for _ in requests]
+        payload = b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)])
+        return self._exchange(payload, ids, return_exceptions)
+
+    def _exchange(self, payload, ids, return_exceptions):
+        """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
+        replies = {}
+        send_error = None
+        try:
+            try:
+                self.sock.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                send_error = exc  # the daemon may have said why before it closed: read on
+            while len(replies) < len(ids):
+                received = self.sock.recv_into(self._buffer)
+                if not received:
+                    why = f" ({send_error})" if send_error else ""
+                    raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"the daemon closed the connection{why}")
+                for frame in self._decoder.feed(self._buffer_view[:received]):
+                    msgid, error, result = parse_reply(frame)
+                    if msgid == 0 and error:  # refused before any request (foreign uid)
+                        raise_for(error, result)
+                    if error:
+                        result = error_for(error, result if isinstance(result, str) else None)
+                    replies[msgid] = result
+        except ShmheapError:
+            self.drop()
+            raise
+        except OSError as exc:
+            self.drop()
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+        results = [replies[msgid] for msgid in ids]
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, ShmheapError):
+                    raise result
+        return results
+
+    def drop(self):
+        """Close the socket; the next call opens a new one (unless closed)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self):
+        self.closed = True
+        self.drop()
+        _connections.discard(self)
+
+    def _after_fork_in_child(self):
+        # The inherited socket is the parent's conversation: close our copy of the descriptor
+        # and start afresh on the next call.
+        self._lock = threading.Lock()
+        self.drop()
+
+
+def _open_socket(path, autostart, timeout):
+    """A connected socket to the daemon on `path`, starting one if allowed and needed."""
+    deadline = time.monotonic() + timeout
+    started = None
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if not autostart:
+                raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"no shmheapd on {path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
+        if started is None:
+            started = _start_daemon(path)
+        if time.monotonic() > deadline:
+            raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}")
+        time.sleep(0.01)
+
+
+def _start_daemon(path):
+    """Start a detached daemon on `path` that exits when idle; it logs beside its socket."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    idle = os.environ.get("SHMHEAP_IDLE_EXIT", str(AUTOSTART_IDLE_EXIT))
+    with open(os.path.join(folder, "shmheapd.log"), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shmheapd", "--socket", path, "--idle-exit", idle],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def _after_fork_in_child():
+    for connection in list(_connections):
+        connection._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

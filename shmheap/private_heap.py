@@ -1,0 +1,133 @@
+"""Private heaps as Python objects: PrivateHeap and its Blocks, and the page source that
+feeds a private heap's allocator from the daemon.
+
+A private heap's allocator (shmheap/heap.py) runs in this process, so `alloc` and
+`Block.free` make no round trip unless the heap's commit must change; only then does
+DaemonPages ask the daemon, which records every region and commit under the heap's handle.
+"""
+
+from .errors import WinError, raise_for
+from .heap import PageSource
+from .segment import as_array
+
+
+class DaemonPages(PageSource):
+    """A private heap's page source: regions and commits from the daemon, by RPC."""
+
+    def __init__(self, client, handle):
+        self.client = client
+        self.handle = handle
+        self.memory = client.memory
+
+    def reserve(self, size):
+        return self.client.heap_extend(self.handle, size)
+
+    def commit(self, address, size):
+        self.client.heap_commit(self.handle, address, size)
+
+    def decommit(self, address, size):
+        self.client.heap_decommit(self.handle, address, size)
+
+    def release(self, base):
+        self.client.heap_release(self.handle, base)
+
+
+class PrivateHeap:
+    """A heap of this process. Blocks come from an allocator running here, so `alloc` and
+    `Block.free` make no round trip to the daemon unless the heap's commit must change."""
+
+    def __init__(self, client, heap):
+        self.client = client
+        self._heap = heap
+
+    @property
+    def handle(self):
+        return self._heap.base
+
+    def _live(self):
+        """The allocator, if this heap is still one of this process's (not destroyed, and
+        not a parent's heap seen from a forked child)."""
+        heap = self._heap
+        if self.client.heaps.get(heap.base) is not heap:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "heap destroyed or of another process")
+        return heap
+
+    def alloc(self, size, *, zero=False):
+        if size < 0:
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be negative")
+        heap = self._live()
+        with heap.lock:
+            return Block(self, heap.alloc(size, zero=zero))
+
+    def validate(self):
+        with self._heap.lock:
+            return self._heap.validate()
+
+    def compact(self):
+        with self._heap.lock:
+            return self._heap.compact()
+
+    @property
+    def committed(self):
+        return self._heap.committed
+
+    @property
+    def live_blocks(self):
+        return self._heap.live
+
+    def destroy(self):
+        with self._heap.lock:
+            self.client.heap_destroy(self._heap)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._heap is not self.client.process_heap and self._heap.alive:
+            self.destroy()
+
+
+class Block:
+    """A heap block: `address` and exact `size`, with zero-copy views of its bytes."""
+
+    __slots__ = ("heap", "address", "__weakref__")
+
+    def __init__(self, heap, address):
+        self.heap = heap
+        self.address = address
+
+    @property
+    def size(self):
+        heap = self.heap._live()
+        with heap.lock:
+            return heap.size(self.address)
+
+    def view(self):
+        """A writable memoryview of the block's bytes (no copy, no round trip)."""
+        return self.heap.client.memory[self.address:self.address + self.size]
+
+    def numpy(self, dtype="uint8", shape=None):
+        """A numpy array over the block's bytes (no copy). Needs numpy (the `numpy` extra)."""
+        return as_array(self.view(), dtype, shape)
+
+    def resize(self, size, *, zero=False, in_place=False):
+        """HeapReAlloc: keeps the first min(old, new) bytes; the address may change unless
+        `in_place`, which raises MemoryError if the block cannot grow where it is."""
+        heap = self.heap._live()
+        with heap.lock:
+            self.address = heap.realloc(self.address, size, zero=zero, in_place_only=in_place)
+        return self
+
+    def free(self):
+        heap = self.heap._live()
+        with heap.lock:
+            heap.free(self.address)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+    def __repr__(self):
+        return f"Block(address={self.address:#x}, size={self.size})"
