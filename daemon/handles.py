@@ -68,9 +68,9 @@ class PageTablePages(PageSource):
 class GlobalMemory:
     def __init__(self, pagetable, memory):
         reserve, commit, _ = heap_layout(GLOBAL_HEAP_INITIAL, 0)
-        source = PageTablePages(pagetable, SYSTEM, memory, kind="global", shared=True)
-        self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit)
-        self.heap.large_cache_limit = LARGE_CACHE_LIMIT
+        source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
+        self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit,
+                         large_cache_limit=LARGE_CACHE_LIMIT)
         self.cached_since = None
         self.table = MoveableTable(self.heap, GLOBAL, stamped=True)
         self.owners = {}  # object (moveable handle or fixed pointer) -> pid; shared ones absent
@@ -129,21 +129,8 @@ class GlobalMemory:
         return self.table.handle(pointer)
 
     def compact(self, pid, min_free=0):
-        """GlobalCompact: move every unlocked moveable object as low as the heap allows, so
-        free space coalesces; contents are copied, handles stay. Returns the largest free
-        range after giving unused pages back."""
-        table, heap = self.table, self.heap
-        for handle, entry in sorted(table.entries.items(), key=lambda item: item[1].pointer):
-            if entry.locks or not entry.pointer:
-                continue
-            size = heap.size(entry.pointer)
-            new = heap.alloc_below(size, entry.pointer)
-            if new is not None:
-                heap.memory[new:new + size] = heap.memory[entry.pointer:entry.pointer + size]
-                old = entry.pointer
-                table.set_pointer(handle, entry, new)
-                heap.free(old)
-        return heap.compact()
+        """GlobalCompact; `min_free` is only a hint on Windows too, and is not used."""
+        return self.table.compact()
 
     def housekeeping(self, now):
         """Release the large-region cache once it has sat unused long enough. Returns the

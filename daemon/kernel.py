@@ -31,7 +31,7 @@ from .sessions import Sessions
 
 
 class Kernel:
-    shm = mapping = memory = None  # a half-built kernel is safe to close
+    shm = mapping = memory = global_memory = None  # a half-built kernel is safe to close
 
     def __init__(self, name, size, commit_limit, process_commit_limit):
         self.name = name
@@ -115,8 +115,9 @@ class Kernel:
         return self.global_memory.housekeeping(now)
 
     def _reclaim(self):
-        """The page table is short of commit: give back what is kept only as a cache."""
-        return self.global_memory.release_cache()
+        """The page table is short of commit: give back what is kept only as a cache (none
+        while the global memory is being built)."""
+        return self.global_memory.release_cache() if self.global_memory is not None else 0
 
     # ---- the ops the kernel answers itself -----------------------------------------------
 
@@ -136,9 +137,7 @@ class Kernel:
         table = self.pagetable
         return {
             "daemon_pid": self.info["daemon_pid"],
-            "processes": [{"pid": p.pid, "connections": len(p.sessions), "started": p.started,
-                           "committed": table.committed_by(p.pid)}
-                          for p in self.sessions.processes.values()],
+            "processes": [dict(row, committed=table.committed_by(row["pid"])) for row in self.sessions.rows()],
             "regions": [[r.base, r.size, r.owner, r.kind, r.committed_pages] for r in table.regions_in_order()],
             "committed": table.committed,
             "resident": table.resident_bytes(),

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from shmheap import segment
+from shmheap.errors import ShmheapError
 
 from .kernel import Kernel
 from .server import Server, listen, peer_is_listening
@@ -93,7 +94,12 @@ def main(argv=None):
 
     commit_limit = args.commit_limit if args.commit_limit is not None else _default_commit_limit(args.size)
     process_limit = args.process_commit_limit if args.process_commit_limit is not None else commit_limit
-    kernel = Kernel(name, args.size, commit_limit, process_limit)
+    try:
+        kernel = Kernel(name, args.size, commit_limit, process_limit)
+    except (ShmheapError, OSError) as exc:
+        print(f"shmheapd: cannot build the segment {name}: {exc}", file=sys.stderr)
+        os.close(lock_fd)
+        return 1
     listener = None
     try:
         listener = listen(path)

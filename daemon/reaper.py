@@ -1,8 +1,8 @@
 """The reaper: releases everything a process held when its last connection closes.
 
 Theory of operation: a process that exits, crashes or is SIGKILLed has its sockets closed by
-the operating system; the server sees end-of-file on the last one, and the kernel (kernel.py)
-calls `release_process` once. The
+the operating system; the server sees end-of-file on the last one, and the kernel
+(kernel.py) calls `release_process` once. The
 walk goes from the layers on top to the pages below, so nothing is freed while something above
 still points into it:
 

@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 
-from shmheap.errors import ProtocolError, ShmheapError, WinError
+from shmheap.errors import ProtocolError, ShmheapError, WinError, raise_for
 from shmheap.protocol import HELLO, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
 
 from .sessions import Session
@@ -144,11 +144,11 @@ class Server:
             msgid, op, args = parse_request(frame)
         except RequestError as exc:
             return encode_reply(exc.msgid, exc.code, str(exc))
-        if op == HELLO:
-            return self._hello(session, msgid, *args)
-        if not session.greeted:
+        if op != HELLO and not session.greeted:
             return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
         try:
+            if op == HELLO:
+                return encode_reply(msgid, 0, self._hello(session, *args))
             return encode_reply(msgid, 0, self.kernel.ops[op](session.pid, *args))
         except ShmheapError as exc:
             return encode_reply(msgid, exc.winerror, exc.args[0])
@@ -156,14 +156,13 @@ class Server:
             log.exception("handler %s failed for pid %d", op, session.pid)
             return encode_reply(msgid, WinError.ERROR_GEN_FAILURE, f"internal error in {op}")
 
-    def _hello(self, session, msgid, version, client_info):
+    def _hello(self, session, version, client_info):
         if version != PROTOCOL_VERSION:
-            return encode_reply(msgid, WinError.ERROR_NOT_SUPPORTED,
-                                f"protocol version {version}, daemon speaks {PROTOCOL_VERSION}")
+            raise_for(WinError.ERROR_NOT_SUPPORTED, f"protocol version {version}, daemon speaks {PROTOCOL_VERSION}")
         if not session.greeted:
-            session.greeted = True
             self.kernel.attach(session)
-        return encode_reply(msgid, 0, self.kernel.system_info(session.pid))
+            session.greeted = True
+        return self.kernel.system_info(session.pid)
 
     def _flush(self, session):
         out = session.outbuf

@@ -2,8 +2,8 @@
 
 Ownership is keyed by process, not by connection: a process may open several connections
 (threads, libraries) and its memory lives until the last of them closes, which is exactly when
-the process has exited on Windows. The kernel closes a dead process's sockets for it, whatever
-killed it, so a closed connection is all the reaper needs to learn of a death.
+the process has exited on Windows. The operating system closes a dead process's sockets for
+it, whatever killed it, so a closed connection is all the reaper needs to learn of a death.
 """
 
 import time
@@ -61,6 +61,11 @@ class Sessions:
             return None
         del self.processes[process.pid]
         return process
+
+    def rows(self):
+        """Every connected process: pid, connections, when it first connected."""
+        return [{"pid": p.pid, "connections": len(p.sessions), "started": p.started}
+                for p in self.processes.values()]
 
     def check(self):
         """Every process has a connection, and every connection names its process."""

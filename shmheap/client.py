@@ -21,7 +21,6 @@ heap.
 import itertools
 import os
 import threading
-import weakref
 
 from . import segment
 from .connection import CONNECT_TIMEOUT, Connection
@@ -37,7 +36,6 @@ PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
 
-_clients = weakref.WeakSet()
 _process_heaps = itertools.count()  # numbers this process's process heaps, one per connection
 
 
@@ -61,10 +59,9 @@ class Client:
         self.process_heap = None
         self.local_objects = None
         self._heap_names = itertools.count(1)
-        self.connection = Connection(path, autostart=autostart, timeout=timeout,
-                                     greeting=self._greeting, on_open=self._on_open)
+        self.connection = Connection(path, autostart=autostart, timeout=timeout, greeting=self._greeting,
+                                     on_open=self._on_open, on_drop=self._on_drop)
         self.connection.ensure_open()
-        _clients.add(self)
 
     # ---- connection ----------------------------------------------------------------------
 
@@ -95,16 +92,17 @@ class Client:
         self.heaps[handle] = heap
         return heap
 
-    def _after_fork_in_child(self):
-        # The parent's heaps are the parent's: their copies here must never carve the shared
-        # pages again. The connection reopens (with a process heap of our own) on next use.
+    def _on_drop(self):
+        # The connection went: the daemon released its heaps (loss, close), or they are the
+        # parent's (fork). Their copies here must never carve those pages again; the next
+        # connection brings a process heap of its own.
         self.heaps = {}
         self.process_heap = None
         self.local_objects = None
 
     def ensure_connected(self):
         """Reconnect if needed (after fork, or a lost connection); returns self."""
-        if self.connection.sock is None:
+        if not self.connection.is_open:
             self.connection.ensure_open()
         return self
 
@@ -115,7 +113,6 @@ class Client:
     def close(self):
         if self.connection is not None:
             self.connection.close()
-        _clients.discard(self)
         if self.memory is not None:
             self.memory.release()
             self.memory = None
@@ -341,10 +338,10 @@ _by_path = {}  # socket path -> a client opened for buffers received from that d
 
 def default_client():
     """The client the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart),
-    and connected again after fork."""
+    and connected again after fork or a lost connection (but not to a new daemon)."""
     global _default
     client = _default
-    if client is not None and client.process_heap is not None:
+    if client is not None and client.process_heap is not None:  # None once the connection went
         return client
     with _default_lock:
         if _default is None or _default.closed:
@@ -373,11 +370,11 @@ def client_for(path):
 
 
 def _after_fork_in_child():
+    # Each client forgets its parent's heaps when the connection's own fork hook drops the
+    # inherited socket (on_drop).
     global _default_lock, _process_heaps
     _default_lock = threading.Lock()
     _process_heaps = itertools.count()
-    for client in list(_clients):
-        client._after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

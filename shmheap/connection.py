@@ -10,7 +10,9 @@ pipelines a batch in one write and one read.
 
 Whoever owns the connection may send requests of its own with the handshake (the client
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
-`on_open(info, results)` receives the daemon's hello and their results.
+`on_open(info, results)` receives the daemon's hello and their results. `on_drop()` is told
+whenever the socket goes (loss, fork, close): what the daemon held for this connection is
+gone, or is the parent's.
 
 Fork hygiene: a forked child never speaks on its parent's socket. A fork hook closes the
 child's copy of the descriptor (the parent's stays open); the next call in the child opens a
@@ -42,12 +44,13 @@ class Connection:
     sock = None  # a half-built connection is safe to close
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
-                 on_open=None):
+                 on_open=None, on_drop=None):
         self.path = path
         self.autostart = autostart
         self.timeout = timeout
         self.greeting = greeting  # () -> [(op, args)] to send with the hello
         self.on_open = on_open  # (info, results) -> None, once the handshake is answered
+        self.on_drop = on_drop  # () -> None, when the socket goes
         self.info = None  # the daemon's hello reply
         self.closed = False
         self._lock = threading.Lock()
@@ -140,11 +143,17 @@ class Connection:
                     raise result
         return results
 
+    @property
+    def is_open(self):
+        return self.sock is not None
+
     def drop(self):
         """Close the socket; the next call opens a new one (unless closed)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+            if self.on_drop is not None:
+                self.on_drop()
 
     def close(self):
         self.closed = True

@@ -169,7 +169,7 @@ class Slab:
 class Heap:
     """One heap: its regions, free ranges, slabs, medium and large blocks."""
 
-    def __init__(self, source, base, reserved, committed, *, flags=0, growable=True):
+    def __init__(self, source, base, reserved, committed, *, flags=0, growable=True, large_cache_limit=0):
         self.source = source
         self.memory = source.memory
         self.flags = flags
@@ -195,9 +195,9 @@ class Heap:
         self.medium = {}  # address -> requested size
         self.large = {}  # address -> requested size (the region base is the address)
         # Freed large regions kept committed for the next large block, up to this many bytes
-        # (0: none). The global heap sets it: a pool that allocates, fills and frees big
+        # (0: none). The global heap keeps some: a pool that allocates, fills and frees big
         # arrays then reuses pages that are already backed and mapped.
-        self.large_cache_limit = 0
+        self.large_cache_limit = large_cache_limit
         self.large_cache = {}  # region base -> committed bytes
         self.live = 0
         self._add_committed(base + HEAP_HEADER, base + committed)
@@ -556,18 +556,9 @@ class Heap:
         self.large_cache.clear()
         return freed
 
-    def destroy(self):
-        """Give every region and large block back; the heap is unusable afterwards."""
-        self.flush_large_cache()
-        for address in self.large:
-            self.source.release(address)
-        for region in self.regions:
-            self.source.release(region.base)
-        self.abandon()
-
     def abandon(self):
-        """Forget every region and block without giving them back (the daemon released them,
-        or `destroy` did): the heap is unusable afterwards."""
+        """Forget every region and block without giving them back (the daemon released them):
+        the heap is unusable afterwards."""
         self.large_cache.clear()
         self.large.clear()
         self.medium.clear()

@@ -110,7 +110,7 @@ class MoveableTable:
         generation = self.generations[slot] = self.generations.get(slot, 0) + 1
         return slot | generation << STAMP_SHIFT
 
-    def set_pointer(self, handle, entry, pointer):
+    def _set_pointer(self, handle, entry, pointer):
         """Point a moveable object at new data (allocation, realloc, discard, compaction)."""
         self.by_pointer.pop(entry.pointer, None)
         entry.pointer = pointer
@@ -132,7 +132,7 @@ class MoveableTable:
             self.free_handles.appendleft(handle & ADDRESS_MASK)
             raise
         entry = self.entries[handle] = Entry(0, flags & (self.flavor.discardable | GMEM_DDESHARE))
-        self.set_pointer(handle, entry, pointer)
+        self._set_pointer(handle, entry, pointer)
         return handle
 
     def lock(self, handle):
@@ -226,14 +226,14 @@ class MoveableTable:
                 raise_for(WinError.ERROR_INVALID_PARAMETER, "discarding needs MOVEABLE")
             if entry.pointer:  # discard (GL-36)
                 self.heap.free(entry.pointer)
-                self.set_pointer(handle, entry, 0)
+                self._set_pointer(handle, entry, 0)
             return handle
         if not entry.pointer:  # a discarded object comes back (GL-24)
-            self.set_pointer(handle, entry, self.heap.alloc(size, zero=zero))
+            self._set_pointer(handle, entry, self.heap.alloc(size, zero=zero))
         else:
             in_place = bool(entry.locks) and not flags & GMEM_MOVEABLE  # GL-32, GL-33, GL-35
             pointer = self.heap.realloc(entry.pointer, size, zero=zero, in_place_only=in_place)
-            self.set_pointer(handle, entry, pointer)
+            self._set_pointer(handle, entry, pointer)
         return handle
 
     def _realloc_fixed(self, pointer, size, flags):
@@ -259,11 +259,28 @@ class MoveableTable:
     def _make_moveable(self, pointer, flags):
         handle = self._new_handle()
         entry = self.entries[handle] = Entry(0, flags & (self.flavor.discardable | GMEM_DDESHARE))
-        self.set_pointer(handle, entry, pointer)
+        self._set_pointer(handle, entry, pointer)
         return handle
 
     def discard(self, handle):
         return self.realloc(handle, 0, GMEM_MOVEABLE)
+
+    def compact(self):
+        """Move every unlocked moveable object as low as the heap allows (GlobalCompact), so
+        free space coalesces; contents are copied, handles stay. Returns the largest free
+        range after the heap gave unused pages back."""
+        heap = self.heap
+        for handle, entry in sorted(self.entries.items(), key=lambda item: item[1].pointer):
+            if entry.locks or not entry.pointer:
+                continue
+            size = heap.size(entry.pointer)
+            new = heap.alloc_below(size, entry.pointer)
+            if new is not None:
+                heap.memory[new:new + size] = heap.memory[entry.pointer:entry.pointer + size]
+                old = entry.pointer
+                self._set_pointer(handle, entry, new)
+                heap.free(old)
+        return heap.compact()
 
     # ---- invariants ----------------------------------------------------------------------
 

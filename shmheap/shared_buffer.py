@@ -33,7 +33,9 @@ class SharedBuffer:
         return as_array(self.view(), dtype, shape)
 
     def free(self):
-        """GlobalFree: raises ShmheapValueError if the buffer is no longer live."""
+        """GlobalFree: raises ShmheapError if the buffer is no longer live (ShmheapValueError,
+        ERROR_INVALID_HANDLE; for a large one whose region went, ShmheapPermissionError,
+        ERROR_NOACCESS)."""
         self.client.global_free(self.address)
 
     def __enter__(self):

@@ -7,9 +7,11 @@ converted the way C converts them (a SIZE_T or pointer is taken modulo 2**64, a 
 Errors: every layer below raises ShmheapError with the Win32 code. Each call here catches it
 and returns its failure value (what C returns: 0, NULL, FALSE, None for a struct, or the
 handle back for the Free calls), storing the code for the calling thread's `GetLastError()`
-through `_failed`, the one place that does. Success leaves the last error alone, as Windows
-does, except where Windows documents otherwise (an unlock that leaves the count at 0 sets
-NO_ERROR; a few failures leave it untouched). Those rows are cited at each call.
+through `_failed`, the one place that turns an exception into a failure. Success leaves the
+last error alone, as Windows does, except where Windows documents otherwise (an unlock that
+leaves the count at 0 sets NO_ERROR, a walk's end NO_MORE_ITEMS); a few failures the facade
+itself detects (a short VirtualQuery buffer, an address outside the segment) or that leave
+the error untouched are cited at their call.
 ProtocolError (the daemon is gone or broke the protocol) is no Win32 failure: it propagates.
 
 The behaviour of each call is the layer's below (the daemon's page table, sections and global
@@ -346,6 +348,8 @@ def _in_foreign_region(address):
     client = default_client()
     try:
         info = client.virtual_query(address)
+    except ProtocolError:
+        raise
     except ShmheapError:
         return False
     return info.State != MEM_FREE and not any(
@@ -638,4 +642,4 @@ def CloseHandle(hObject):
 # `from shmheap.win32 import *` brings the Win32 names only: constants, error codes, structs
 # and calls, not this module's imports.
 __all__ = sorted({"WinError"} | {name for name, value in globals().items() if not name.startswith("_") and (
-    name.isupper() or getattr(value, "__module__", None) == __name__)})
+    name.isupper() or getattr(value, "__module__", None) == __name__)} - {"MIN_ADDRESS"})

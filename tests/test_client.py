@@ -123,3 +123,26 @@ def test_a_closed_client_refuses_calls(daemon):
     assert client.closed
     with pytest.raises(ProtocolError):
         client.echo(1)
+
+
+def test_the_facade_reconnects_after_a_lost_connection_with_memory_of_its_own(win32, daemon):
+    client = shmheap.default_client()
+    old_heap = win32.GetProcessHeap()
+    assert win32.HeapAlloc(old_heap, 0, 64)
+    with pytest.raises(ProtocolError):
+        client.echo(b"x" * (2 << 20))  # past the frame limit: the daemon drops the connection
+    # The daemon released what that connection held. The next call reconnects, with a new
+    # process heap whose every block is in this process's own memory.
+    pointer = win32.HeapAlloc(win32.GetProcessHeap(), 0, 64)
+    assert pointer and win32.VirtualQuery(pointer).State == MEM_COMMIT
+    regions = {base: owner for base, _, owner, _, _ in shmheap.default_client().status()["regions"]}
+    assert regions[win32.VirtualQuery(pointer).AllocationBase] == shmheap.default_client().pid
+    assert len(shmheap.default_client().heap_list()) == 1  # the old process heap is gone
+
+
+def test_the_facade_opens_a_new_client_after_the_default_one_is_closed(win32):
+    first = shmheap.default_client()
+    first.close()
+    address = win32.VirtualAlloc(0, 4096, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
+    assert address and shmheap.default_client() is not first
+    assert win32.HeapAlloc(win32.GetProcessHeap(), 0, 16)

@@ -171,3 +171,12 @@ def test_other_uid_is_refused(daemon, client):
     assert in_forked_child(child) == 0, "a client of another uid was not refused with ERROR_ACCESS_DENIED"
     assert "refused pid" in daemon.log_text()
     assert client.echo(1) == 1
+
+
+def test_a_commit_limit_too_small_for_the_daemon_itself_is_one_line_and_exit_1(short_dir):
+    daemon = Daemon(short_dir, "--commit-limit", "64K")
+    proc = subprocess.run([sys.executable, "-m", "shmheapd", *daemon.args], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "[WinError 1455]" in proc.stderr, proc.stderr
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()

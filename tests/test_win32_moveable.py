@@ -368,6 +368,8 @@ def test_the_handle_table_itself_is_no_object(win32, m):
     expect(win32, m.Free, table, result=table, error=ERROR_INVALID_HANDLE)
     expect(win32, m.Size, table, result=0, error=ERROR_INVALID_HANDLE)
     expect(win32, m.Flags, table, result=m.INVALID_HANDLE, error=ERROR_INVALID_HANDLE)
+    expect(win32, m.Handle, table, result=0, error=ERROR_INVALID_HANDLE)
+    expect(win32, m.Lock, table, result=0, error=ERROR_INVALID_HANDLE)
     others = [ok(win32, m.Alloc, m.MOVEABLE, 32) for _ in range(4)]  # nothing reuses the slots
     assert len({h, *others}) == 5
     assert win32.read(ok(win32, m.Lock, h), 10) == b"still here"
