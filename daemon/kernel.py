@@ -31,15 +31,15 @@ from .sessions import Sessions
 
 
 class Kernel:
-    shm = mapping = memory = global_memory = None  # a half-built kernel is safe to close
+    shm = base = global_memory = None  # a half-built kernel is safe to close
 
     def __init__(self, name, size, commit_limit, process_commit_limit):
         self.name = name
-        self.shm = segment.create(name, size, os.getpid(), time.time_ns())
+        self.shm, self.base = segment.create(name, size, os.getpid(), time.time_ns())
         try:
-            self.mapping = segment.map_segment(name, size)
-            self.memory = memoryview(self.mapping)  # the global heap's view of the bytes
-            self.pagetable = PageTable(size, Backing(self.shm.fd, self.mapping), commit_limit,
+            self.memory = segment.address_space(self.base + size)  # the global heap's bytes
+            self.pagetable = PageTable(self.base + segment.HEADER_SIZE, self.base + size,
+                                       Backing(self.shm.fd, self.base), commit_limit,
                                        process_commit_limit, reclaim=self._reclaim)
             self.heaps = Heaps(self.pagetable)
             self.global_memory = GlobalMemory(self.pagetable, self.memory)
@@ -48,9 +48,9 @@ class Kernel:
         except BaseException:
             self.close()
             raise
-        self.info = {"version": PROTOCOL_VERSION, "segment": name, "size": size,
+        self.info = {"version": PROTOCOL_VERSION, "segment": name, "size": size, "base": self.base,
                      "page_size": segment.PAGE_SIZE, "granularity": segment.ALLOCATION_GRANULARITY,
-                     "min_address": segment.MIN_ADDRESS, "daemon_pid": os.getpid(),
+                     "min_address": self.pagetable.start, "daemon_pid": os.getpid(),
                      "generation": segment.read_header(self.shm.fd).generation,
                      "commit_limit": commit_limit, "process_commit_limit": process_commit_limit}
         self.ops = self._op_table()
@@ -130,7 +130,7 @@ class Kernel:
                 "process_committed": table.committed_by(pid),
                 "process_commit_limit": table.process_commit_limit,
                 "resident": table.resident_bytes(),
-                "total_virtual": table.size - segment.MIN_ADDRESS,
+                "total_virtual": table.end - table.start,
                 "free_virtual": table.free_bytes()}
 
     def status(self, pid):
@@ -164,11 +164,8 @@ class Kernel:
 
     def close(self):
         """Unmap and unlink the segment."""
-        if self.memory is not None:
-            self.memory.release()
-        if self.mapping is not None:
-            self.mapping.close()
         if self.shm is not None:
+            segment.detach(self.name, self.base)
             self.shm.close_fd()
             segment.unlink_quietly(self.name)
             self.shm = None

@@ -19,7 +19,6 @@ from .server import Server, listen, peer_is_listening
 log = logging.getLogger("shmheapd")
 
 DEFAULT_IDLE_EXIT = 0  # foreground daemons run until stopped; autostart passes its own
-MAX_SIZE = 1 << 40  # addresses must fit below shmheap.moveable.STAMP_SHIFT
 
 
 def parse_args(argv):
@@ -41,8 +40,8 @@ def parse_args(argv):
     parser.add_argument("--log-file", default=None, help="log here instead of stderr")
     args = parser.parse_args(argv)
     args.size = segment.round_size(args.size)
-    if args.size > MAX_SIZE:
-        parser.error("--size is at most 1T (global handles keep a generation above bit 40)")
+    if args.size > segment.MAX_SIZE:
+        parser.error("--size is at most 1T")
     return args
 
 

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-The segment is one address space shared by every process. Its usable part, [MIN_ADDRESS, size),
-is cut into *regions* (reservations). A region starts on a 64 KiB granule and ends on a page;
+The segment is one address space shared by every process. Its usable part, [start, end) (the
+addresses above its header, up to base + size), is cut into *regions* (reservations). A region starts on a 64 KiB granule and ends on a page;
 the granules it touches belong to it alone, so the tail of its last granule is free but cannot
 be reserved (as on Windows, where a granule holds at most one allocation).
 
@@ -32,7 +32,6 @@ following ../shared/reference/win32_semantics.md rows VA-*, VF-*, VQ-*, VP-*.
 """
 
 import errno
-import mmap
 import os
 from bisect import bisect_left, bisect_right
 
@@ -44,7 +43,8 @@ from shmheap.constants import (
     PAGE_READABLE, PAGE_READONLY, PAGE_READWRITE, PAGE_WRITABLE, PAGE_WRITECOMBINE,
 )
 from shmheap.errors import ShmheapError, WinError, raise_for
-from shmheap.segment import ALLOCATION_GRANULARITY, MIN_ADDRESS, PAGE_SIZE, pages_in, round_down, round_up
+from shmheap import segment
+from shmheap.segment import ALLOCATION_GRANULARITY, PAGE_SIZE, pages_in, round_down, round_up
 
 GRANULE = ALLOCATION_GRANULARITY
 RESERVED = 0  # run value of a reserved (uncommitted) page
@@ -58,22 +58,23 @@ _ALLOC_TYPES = MEM_COMMIT | MEM_RESERVE | MEM_RESET | MEM_RESET_UNDO | MEM_TOP_D
 class Backing:
     """The only code that calls posix_fallocate, madvise and fstat on the segment.
 
-    Preconditions, checked by the page table before every call: offset and length are
-    page-aligned, non-zero and inside the segment; commit is only asked of pages the table
-    holds reserved, decommit only of pages it holds committed.
+    Preconditions, checked by the page table before every call: address and length are
+    page-aligned, non-zero and inside the segment, which this process maps at `base`; commit
+    is only asked of pages the table holds reserved, decommit only of pages it holds
+    committed.
     """
 
-    def __init__(self, fd, mapping):
+    def __init__(self, fd, base):
         self.fd = fd
-        self.mapping = mapping
+        self.base = base
 
-    def commit(self, offset, length):
+    def commit(self, address, length):
         """Allocate tmpfs pages for the range; raises OSError (ENOSPC) if they cannot be had."""
-        os.posix_fallocate(self.fd, offset, length)
+        os.posix_fallocate(self.fd, address - self.base, length)
 
-    def decommit(self, offset, length):
+    def decommit(self, address, length):
         """Punch the range out of tmpfs: its memory returns to the machine, its bytes read 0."""
-        self.mapping.madvise(mmap.MADV_REMOVE, offset, length)
+        segment.remove(address, length)
 
     def resident_bytes(self):
         return os.fstat(self.fd).st_blocks * 512
@@ -143,15 +144,16 @@ class Region:
 
 
 class PageTable:
-    def __init__(self, size, backing, commit_limit, process_commit_limit, reclaim=None):
-        self.size = size
+    def __init__(self, start, end, backing, commit_limit, process_commit_limit, reclaim=None):
+        self.start = start  # the lowest address a region may have
+        self.end = end  # the segment's end
         self.backing = backing
         self.commit_limit = commit_limit
         self.process_commit_limit = process_commit_limit
         self.regions = {}
         self.bases = []
-        self.free_starts = [MIN_ADDRESS]
-        self.free_ends = [size]
+        self.free_starts = [start]
+        self.free_ends = [end]
         self.committed = 0  # bytes, all owners
         self.committed_by_owner = {}
         self.regions_by_owner = {}
@@ -209,11 +211,11 @@ class PageTable:
         if address:
             base = round_down(address, GRANULE)
             end = round_up(address + size, PAGE_SIZE)
-            if base < MIN_ADDRESS or end > self.size:
+            if base < self.start or end > self.end:
                 raise_for(WinError.ERROR_INVALID_PARAMETER, "address outside the user address space")
         else:
             size = round_up(size, PAGE_SIZE)
-            if size > self.size:
+            if size > self.end - self.start:
                 raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the address space")
             base = self._find_free(round_up(size, GRANULE), top_down)
             if base is None:
@@ -370,13 +372,13 @@ class PageTable:
         if sum(by_owner.values()) != self.committed:
             problems.append(f"committed {self.committed} != walked {sum(by_owner.values())}")
         spans.sort()
-        cursor = MIN_ADDRESS
+        cursor = self.start
         for start, end, what in spans:
             if start != cursor:
                 problems.append(f"{what} at {start:#x}: gap or overlap (expected {cursor:#x})")
             cursor = end
-        if cursor != self.size:
-            problems.append(f"address space ends at {cursor:#x}, not {self.size:#x}")
+        if cursor != self.end:
+            problems.append(f"address space ends at {cursor:#x}, not {self.end:#x}")
         if problems:
             raise RuntimeError("page table inconsistent: " + "; ".join(problems))
         return {"regions": len(self.regions), "free_extents": len(self.free_starts),
@@ -393,7 +395,7 @@ class PageTable:
     def _page_range(self, owner, address, size):
         """The caller's region and page range [first, last) covering [address, address+size),
         which must lie in one region (VA-17, VA-18, VF-12)."""
-        if address + size > self.size:
+        if address + size > self.end:
             raise_for(WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
         region = self._own_region(owner, address)
         end = round_up(address + size, PAGE_SIZE)
@@ -418,9 +420,9 @@ class PageTable:
         check_protection(protect)
         if size == 0:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
-        if address and address < MIN_ADDRESS:
+        if address and address < self.start:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "address below the lowest user address")
-        if address + size > self.size:
+        if (address or self.start) + size > self.end:  # NULL: anywhere in [start, end)
             raise_for(WinError.ERROR_INVALID_PARAMETER if alloc_type & MEM_RESERVE or not address
                   else WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
         if alloc_type & MEM_RESERVE or not address:
@@ -468,13 +470,13 @@ class PageTable:
     def virtual_query(self, owner, address):
         """MEMORY_BASIC_INFORMATION as a tuple: (BaseAddress, AllocationBase, AllocationProtect,
         RegionSize, State, Protect, Type)."""
-        if address >= self.size:
+        if address >= self.end:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "address past the end of the address space")
         page = round_down(address, PAGE_SIZE)
         region = self.region_at(address)
         if region is None:
             i = bisect_right(self.bases, address)
-            gap_end = self.bases[i] if i < len(self.bases) else self.size
+            gap_end = self.bases[i] if i < len(self.bases) else self.end
             return (page, 0, 0, gap_end - page, MEM_FREE, PAGE_NOACCESS, 0)
         kind = MEM_MAPPED if region.kind == "section" else MEM_PRIVATE
         if not _visible(region, owner):
@@ -507,7 +509,7 @@ class PageTable:
         """Check that [address, address+size) may be viewed. Returns True if it is writable,
         False if read-only; fails with ERROR_NOACCESS otherwise. Touching PAGE_GUARD pages
         clears their guard and fails once with STATUS_GUARD_PAGE_VIOLATION (VA-07)."""
-        if size == 0 or address + size > self.size:
+        if size == 0 or address + size > self.end:
             raise_for(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
         region = self.region_at(address)
         if region is None or not _visible(region, owner) or address + size > region.end:

@@ -3,8 +3,8 @@
 `connect()` assembles the stack: socket path, connection (with its autostarted daemon and its
 handshake), the mapping of the segment, and the process heap made in the handshake's write.
 
-A Client holds the process's mapping (`memory`, a memoryview of the whole segment: addresses
-index it), its private heaps (`heaps`, handle -> allocator), its process heap and its LocalAlloc
+A Client holds the process's mapping of the segment at the daemon's base (`memory`, a
+memoryview whose index is the address), its private heaps (`heaps`, handle -> allocator), its process heap and its LocalAlloc
 objects. Its methods are of two kinds:
 
     the stub    one method per op of `shmheap.protocol.OPS`, named after the op, returning the
@@ -47,7 +47,7 @@ def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
 
 
 class Client:
-    mapping = None  # a half-built client is safe to close
+    memory = None  # a half-built client is safe to close
     connection = None
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT):
@@ -77,9 +77,13 @@ class Client:
         (handle,) = results
         if isinstance(handle, ShmheapError):
             raise_for(handle.winerror, f"no process heap: {handle.args[0]}")
-        if self.mapping is None:
-            self.mapping = segment.map_segment(info["segment"], info["size"])
-            self.memory = memoryview(self.mapping)
+        if self.memory is None:
+            try:
+                segment.attach(info["segment"], info["base"], info["size"])
+            except OSError as exc:
+                raise_for(WinError.ERROR_INVALID_ADDRESS,
+                          f"this process cannot map the segment where every process does: {exc}")
+            self.memory = segment.address_space(info["base"] + info["size"])
         self.info = info
         self.pid = info["pid"]  # as the daemon sees us (SO_PEERCRED)
         # Heaps belong to the connection that made them: a new connection starts with none.
@@ -108,20 +112,16 @@ class Client:
 
     @property
     def closed(self):
-        return self.mapping is None
+        return self.memory is None
 
     def close(self):
+        """Close the connection and this client's hold on the mapping: once no client of
+        this process uses the segment, it is unmapped, and stale pointers into it fault."""
         if self.connection is not None:
             self.connection.close()
         if self.memory is not None:
-            self.memory.release()
             self.memory = None
-        if self.mapping is not None:
-            try:
-                self.mapping.close()
-            except BufferError:
-                pass  # views handed out still use it; it unmaps when they are gone
-            self.mapping = None
+            segment.detach(self.info["segment"], self.info["base"])
 
     def __enter__(self):
         return self
@@ -324,9 +324,13 @@ class Client:
     def raw_view(self, address, size):
         """The bytes at [address, address+size) with no check at all: the whole segment is
         mapped in every process, as any kernel's memory is to a debugger."""
-        if address < 0 or size < 0 or address + size > len(self.memory):
+        if size < 0 or not self.in_segment(address) or address + size > self.info["base"] + self.info["size"]:
             raise ValueError("range outside the segment")
         return self.memory[address:address + size]
+
+    def in_segment(self, address):
+        """True if `address` lies in the segment's usable part (above its header)."""
+        return self.info["min_address"] <= address < self.info["base"] + self.info["size"]
 
 
 # ---- the default client --------------------------------------------------------------------

@@ -27,8 +27,9 @@ SLOT = 16
 TABLE_CHUNK = 256
 MAX_HANDLES = 65536
 MAX_LOCKS = 255  # the lock count saturates (GL-07)
-STAMP_SHIFT = 40  # segments stay below 1 TiB, so addresses fit under the generation stamp
+STAMP_SHIFT = 48  # addresses are user-space pointers, below 2**47: the stamp sits above them
 ADDRESS_MASK = (1 << STAMP_SHIFT) - 1
+MAX_GENERATION = (1 << (64 - STAMP_SHIFT)) - 1  # a slot handed out this often is retired
 
 
 class Flavor:
@@ -66,6 +67,7 @@ class MoveableTable:
         self.entries = {}  # handle -> Entry
         self.by_pointer = {}  # data pointer -> handle
         self.free_handles = deque()
+        self.retired = 0  # slots whose generations are spent
         self.chunks = set()  # the heap blocks holding the slots
 
     # ---- classification ------------------------------------------------------------------
@@ -110,6 +112,16 @@ class MoveableTable:
         generation = self.generations[slot] = self.generations.get(slot, 0) + 1
         return slot | generation << STAMP_SHIFT
 
+    def _release_slot(self, slot, first=False):
+        """A slot is free again (reused oldest first), unless its generation count is spent:
+        then it is retired, so no stamp is ever handed out twice."""
+        if self.stamped and self.generations[slot] >= MAX_GENERATION:
+            self.retired += 1
+        elif first:
+            self.free_handles.appendleft(slot)
+        else:
+            self.free_handles.append(slot)
+
     def _set_pointer(self, handle, entry, pointer):
         """Point a moveable object at new data (allocation, realloc, discard, compaction)."""
         self.by_pointer.pop(entry.pointer, None)
@@ -129,7 +141,7 @@ class MoveableTable:
         try:
             pointer = self.heap.alloc(size, zero=zero) if size else 0
         except ShmheapError:
-            self.free_handles.appendleft(handle & ADDRESS_MASK)
+            self._release_slot(handle & ADDRESS_MASK, first=True)
             raise
         entry = self.entries[handle] = Entry(0, flags & (self.flavor.discardable | GMEM_DDESHARE))
         self._set_pointer(handle, entry, pointer)
@@ -190,7 +202,7 @@ class MoveableTable:
                 self.heap.free(entry.pointer)
             slot = handle & ADDRESS_MASK
             self.heap.memory[slot:slot + 8] = bytes(8)
-            self.free_handles.append(slot)
+            self._release_slot(slot)
             return
         if self.is_block(handle) and handle not in self.by_pointer:
             self.heap.free(handle)
@@ -308,8 +320,8 @@ class MoveableTable:
             problems.append("by_pointer holds pointers of no entry")
         if slots_in_use & set(self.free_handles):
             problems.append("a slot in use is on the free list")
-        if len(slots_in_use) + len(self.free_handles) != len(self.chunks) * TABLE_CHUNK:
-            problems.append("slots in use + free slots != table capacity")
+        if len(slots_in_use) + len(self.free_handles) + self.retired != len(self.chunks) * TABLE_CHUNK:
+            problems.append("slots in use + free + retired != table capacity")
         if problems:
             raise RuntimeError(f"{self.flavor.name} handle table inconsistent: " + "; ".join(problems[:10]))
         return {"objects": len(self.entries), "slots": len(self.chunks) * TABLE_CHUNK}

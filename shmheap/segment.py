@@ -12,19 +12,31 @@ Glossary (each term is used in this one sense across shmheap):
     slab      in a heap, a page or 64 KiB of committed memory cut into equal slots of one size
               class, for small blocks.
     block     a heap allocation carved out of committed pages.
-    address   an integer offset into the segment; the same bytes in every process. 0 is NULL.
+    base      the virtual address at which every process maps the segment, chosen by its
+              daemon (at random in a wide range, so two daemons' segments do not collide).
+    address   a real pointer, base + an offset into the segment: the same number names the
+              same bytes in every process, and ctypes, cffi or numpy can use it. 0 is NULL.
     handle    an integer naming an object: a heap (its first region's base), a global object
               (its address if fixed, a stamped table slot if moveable), a section.
     owner     who a region or object belongs to: a process (by pid) or the system (0).
     commit    backing pages with memory (posix_fallocate); decommit gives it back (MADV_REMOVE).
 
 Layout: the first 64 KiB are the header below and are never handed out, so no valid address
-is below `MIN_ADDRESS`. The rest is sparse: only committed pages cost memory.
+is below base + HEADER_SIZE. The rest is sparse: only committed pages cost memory.
+
+Mapping: `map_at` maps the segment at its base with MAP_FIXED_NOREPLACE (through ctypes, as
+Python's mmap cannot choose an address), refusing to replace anything already mapped there,
+and `address_space` gives a memoryview whose index is the address, so `memory[p:p + n]` are
+the n bytes at pointer p. A process maps each segment once, whatever number of clients it
+opens on it (`attach` counts them).
 """
 
+import ctypes
+import errno
 import hashlib
 import mmap
 import os
+import random
 import struct
 
 import posix_ipc
@@ -33,25 +45,31 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # unit of commit and protection (4096 on
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1  # address >> PAGE_SHIFT is its page number
 ALLOCATION_GRANULARITY = 64 * 1024  # Win32 reservation granularity
 HEADER_SIZE = ALLOCATION_GRANULARITY  # offsets below this are never valid addresses
-MIN_ADDRESS = HEADER_SIZE  # lpMinimumApplicationAddress, as on Windows
 DEFAULT_SIZE = 64 * 2**30  # sparse; only committed pages cost memory
+MAX_SIZE = 1 << 40  # a segment ends below BASE_HIGHEST + MAX_SIZE < 2**47, the user space
+# Bases are 4 GiB aligned in [16 TiB, 80 TiB): far from where Linux puts binaries (0x55...),
+# the heap and shared libraries (0x7f...), with 16384 places to choose from.
+BASE_LOWEST = 0x1000_0000_0000
+BASE_HIGHEST = 0x5000_0000_0000
+BASE_ALIGN = 1 << 32
 
 MAGIC = b"SHMHEAP\0"
-LAYOUT_VERSION = 1
-# magic, layout version, page size, granularity, segment size, daemon pid, boot generation
-_HEADER = struct.Struct("<8sIIIQQQ")
+LAYOUT_VERSION = 2
+# magic, layout version, page size, granularity, segment size, daemon pid, boot generation, base
+_HEADER = struct.Struct("<8sIIIQQQQ")
 
 
 class Header:
-    __slots__ = ("layout_version", "page_size", "granularity", "size", "daemon_pid", "generation")
+    __slots__ = ("layout_version", "page_size", "granularity", "size", "daemon_pid", "generation", "base")
 
-    def __init__(self, layout_version, page_size, granularity, size, daemon_pid, generation):
+    def __init__(self, layout_version, page_size, granularity, size, daemon_pid, generation, base):
         self.layout_version = layout_version
         self.page_size = page_size
         self.granularity = granularity
         self.size = size
         self.daemon_pid = daemon_pid
         self.generation = generation
+        self.base = base
 
 
 def round_up(value, unit):
@@ -113,17 +131,33 @@ def round_size(size):
 
 
 def create(name, size, daemon_pid, generation):
-    """Create the segment (mode 0600, exclusive), sparse to `size`, and write its header.
+    """Create the segment (mode 0600, exclusive), sparse to `size`, map it read-write at a
+    base chosen at random (retrying where something is mapped already) and write its header.
 
-    Returns the posix_ipc object; the caller owns its fd and must unlink it at shutdown.
+    Returns (the posix_ipc object, the base); the caller owns the fd, must unmap the segment
+    (`detach`) and unlink it at shutdown.
     """
-    if size % ALLOCATION_GRANULARITY or size <= HEADER_SIZE:
-        raise ValueError(f"segment size must be a multiple of 64 KiB above 64 KiB, got {size}")
+    if size % ALLOCATION_GRANULARITY or size <= HEADER_SIZE or size > MAX_SIZE:
+        raise ValueError(f"segment size must be a multiple of 64 KiB above 64 KiB, at most 1 TiB, got {size}")
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-    header = _HEADER.pack(MAGIC, LAYOUT_VERSION, PAGE_SIZE, ALLOCATION_GRANULARITY, size,
-                          daemon_pid, generation)
-    os.pwrite(shm.fd, header, 0)
-    return shm
+    try:
+        for attempt in range(64):
+            base = random.randrange(BASE_LOWEST // BASE_ALIGN, BASE_HIGHEST // BASE_ALIGN) * BASE_ALIGN
+            try:
+                attach(name, base, size, shm.fd)
+                break
+            except FileExistsError:
+                continue  # something lives there in this process: try elsewhere
+        else:
+            raise OSError(f"no free place to map a segment of {size} bytes")
+        header = _HEADER.pack(MAGIC, LAYOUT_VERSION, PAGE_SIZE, ALLOCATION_GRANULARITY, size,
+                              daemon_pid, generation, base)
+        os.pwrite(shm.fd, header, 0)
+    except BaseException:
+        shm.close_fd()
+        unlink_quietly(name)
+        raise
+    return shm, base
 
 
 def unlink_quietly(name):
@@ -146,10 +180,69 @@ def read_header(fd):
     return header
 
 
-def map_segment(name, size):
-    """Map the whole segment shared and read-write; returns the mmap (the fd is closed)."""
-    shm = posix_ipc.SharedMemory(name)
+# ---- mapping at the base -----------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_memory_at = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_at.restype = ctypes.py_object
+_memory_at.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17: fail with EEXIST rather than replace a mapping
+_MAP_FAILED = 2**64 - 1
+_PYBUF_WRITE = 0x200
+
+_attached = {}  # (name, base) -> [size, how many attach() calls hold it]
+
+
+def attach(name, base, size, fd=None):
+    """Map segment `name` shared and read-write at exactly `base` in this process, or count
+    one more user of the mapping it has. Raises FileExistsError if something else is mapped
+    in the way, OSError for other failures."""
+    key = (name, base)
+    held = _attached.get(key)
+    if held is not None:
+        held[1] += 1
+        return
+    shm = posix_ipc.SharedMemory(name) if fd is None else None
     try:
-        return mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        got = _libc.mmap(base, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_SHARED | _MAP_FIXED_NOREPLACE, fd if shm is None else shm.fd, 0)
     finally:
-        shm.close_fd()
+        if shm is not None:
+            shm.close_fd()
+    if got in (None, _MAP_FAILED):
+        error = ctypes.get_errno()
+        raise (FileExistsError if error == errno.EEXIST else OSError)(
+            error, f"cannot map the segment at {base:#x}: {os.strerror(error)}")
+    if got != base:  # a kernel older than 4.17 takes the flag as a hint
+        _libc.munmap(got, size)
+        raise OSError(errno.EEXIST, f"cannot map the segment at {base:#x} (the kernel chose {got:#x})")
+    _attached[key] = [size, 1]
+
+
+def detach(name, base):
+    """One user fewer of the mapping; the last one unmaps it (a stale pointer into it then
+    faults rather than reaching memory that is gone)."""
+    held = _attached.get((name, base))
+    if held is None:
+        return
+    held[1] -= 1
+    if not held[1]:
+        del _attached[(name, base)]
+        _libc.munmap(base, held[0])
+
+
+def address_space(end):
+    """A writable memoryview whose index is the address: memory[p:p + n] are the n bytes at
+    pointer p. Only what is mapped may be touched (the segments this process attached)."""
+    return _memory_at(None, end, _PYBUF_WRITE)
+
+
+def remove(address, length):
+    """MADV_REMOVE: punch [address, address+length) of a mapped segment out of tmpfs."""
+    if _libc.madvise(address, length, mmap.MADV_REMOVE):
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))

@@ -31,7 +31,6 @@ from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
 from .moveable import MoveableTable
-from .segment import MIN_ADDRESS
 
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
 
@@ -138,7 +137,7 @@ def GetSystemInfo():
         wProcessorArchitecture=architecture,
         dwPageSize=info["page_size"],
         lpMinimumApplicationAddress=info["min_address"],
-        lpMaximumApplicationAddress=info["size"] - 1,
+        lpMaximumApplicationAddress=info["base"] + info["size"] - 1,
         dwActiveProcessorMask=sum(1 << cpu for cpu in cpus),
         dwNumberOfProcessors=len(cpus),
         dwProcessorType=processor_type,
@@ -256,7 +255,7 @@ def _heap_failed(exc, failure, hHeap, flags):
 
 
 def _outside_segment(address):
-    return not MIN_ADDRESS <= address < default_client().info["size"]
+    return not default_client().in_segment(address)
 
 
 def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):

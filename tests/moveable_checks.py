@@ -17,7 +17,7 @@ from win32_checks import SENTINEL, call, expect, ok
 
 FUNCTIONS = ("Alloc", "Free", "ReAlloc", "Size", "Lock", "Unlock", "Flags", "Handle", "Discard")
 
-STAMP_SHIFT = 40  # global handles carry a generation count above this bit
+from shmheap.moveable import STAMP_SHIFT  # global handles carry a generation count above this bit
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import pytest
 
 from shmheap.constants import FILE_MAP_ALL_ACCESS, GMEM_MOVEABLE, MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapError, ShmheapMemoryError, WinError
+from shmheap.moveable import ADDRESS_MASK
 from shmheap.protocol import HELLO, OPS
 from shmheapd.handles import LARGE_CACHE_SECONDS
 from shmheapd.sessions import Session
@@ -87,7 +88,7 @@ def test_the_walkers_find_an_owner_of_a_freed_object(kernel):
 def test_the_walkers_find_a_corrupted_handle_slot(kernel):
     attach(kernel)
     handle = kernel.ops["global_alloc"](PID, GMEM_MOVEABLE, 64)
-    slot = handle & (2**40 - 1)
+    slot = handle & ADDRESS_MASK
     kernel.memory[slot:slot + 8] = bytes(8)  # a stray write over the pointer slot
     assert "does not hold its pointer" in broken(kernel)
 

@@ -35,11 +35,12 @@ def test_commit_is_backed_and_decommit_punches_out(table):
     before = table.backing.resident_bytes()
     table.virtual_alloc(1, base, 16 * PAGE, MEM_COMMIT, PAGE_READWRITE)
     assert table.backing.resident_bytes() - before == 16 * PAGE  # fallocate, not lazy
-    table.backing.mapping[base:base + 4] = b"data"
+    memory = segment.address_space(table.end)
+    memory[base:base + 4] = b"data"
     table.virtual_free(1, base, 16 * PAGE, MEM_DECOMMIT)
     assert table.backing.resident_bytes() == before
     table.virtual_alloc(1, base, PAGE, MEM_COMMIT, PAGE_READWRITE)
-    assert table.backing.mapping[base:base + 4] == b"\0\0\0\0"
+    assert memory[base:base + 4] == b"\0\0\0\0"
     table.check()
 
 

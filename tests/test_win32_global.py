@@ -6,7 +6,7 @@ global objects live in the daemon's global heap, their handles work in every con
 lock counts are the same everywhere, stale handles are detected and never aliased, an object
 dies with its allocator unless GMEM_DDESHARE, and GlobalCompact moves unlocked moveable objects.
 
-Global handles are stamped: a generation count sits above bit 40, so `h & ADDRESS_MASK` is the
+Global handles are stamped: a generation count sits above bit 48, so `h & ADDRESS_MASK` is the
 address of the pointer slot (8 mod 16) and the 8 bytes there hold the data pointer. Fixed
 objects have handle == pointer (0 mod 16). Failure returns 0 / FALSE (GlobalFree: the handle
 back; GlobalFlags: GMEM_INVALID_HANDLE) and sets GetLastError(); success leaves the last error

@@ -3,8 +3,9 @@
 GetSystemInfo, GlobalMemoryStatusEx, GetLastError/SetLastError and the byte helpers.
 
 Every test runs against a real daemon (the `win32` fixture, 256 MiB segment). Tests are named
-after the reference row they check. Row addresses such as 0x50000000 are moved to BASE (the
-segment is only 256 MiB), keeping their offsets from the 64 KiB granule.
+after the reference row they check. Addresses are pointers into the segment, which the daemon
+maps at a base of its choosing: row addresses such as 0x50000000 are moved to BASE (the base
++ 64 MiB, set for each test), keeping their offsets from the 64 KiB granule.
 
 Rows not tested, because they do not apply to this emulator:
   VA-08  the reference gives no reliable behaviour (PAGE_GUARD on MEM_RESERVE only).
@@ -38,7 +39,8 @@ PAGE = 0x1000
 GRANULE = 0x10000
 MiB = 2**20
 SEGMENT = 256 * MiB  # the `win32` fixture's daemon
-BASE = 0x4000000  # stands in for the reference's 0x50000000 (64 KiB aligned, mid-segment)
+BASE = None  # stands in for the reference's 0x50000000: segment base + 64 MiB, set per test
+END = None  # the segment's end, set per test
 SENTINEL = 0xDEADBEEF
 DEADLINE = 30.0  # seconds, for anything that waits on another process
 
@@ -133,6 +135,16 @@ def view_error(w, address, size, *, write=False):
     with pytest.raises(ShmheapPermissionError) as info:
         w.view(address, size, write=write)
     return info.value.winerror
+
+
+@pytest.fixture(autouse=True)
+def _addresses(request):
+    """BASE and END for a test bound to the `win32` daemon: where its segment lies."""
+    global BASE, END
+    if "win32" in request.fixturenames:
+        info = request.getfixturevalue("win32").GetSystemInfo()
+        BASE = info.lpMinimumApplicationAddress - GRANULE + 0x4000000
+        END = info.lpMaximumApplicationAddress + 1
 
 
 @pytest.fixture
@@ -459,17 +471,16 @@ def test_va18_commit_spanning_two_reservations_fails(win32):
 
 
 def test_va19_reserve_below_lowest_address_and_on_a_taken_granule(win32):
-    info = win32.GetSystemInfo()
-    assert info.lpMinimumApplicationAddress == 0x10000
-    for address in (0xF000, 0x1000, 0xFFFF):
+    low = win32.GetSystemInfo().lpMinimumApplicationAddress  # the segment's base + 64 KiB
+    for address in (low - 0x1000, low - 0xF000, low - 1, 0x1000, 0xF000):
         fails(win32, ERROR_INVALID_PARAMETER, win32.VirtualAlloc, address, 0x1000, MEM_RESERVE, PAGE_NOACCESS)
-    # 0x10000 is the lowest user address: either it is free (and now ours) or already taken
-    # (this emulator's process heap may live there); a reservation on it then must fail.
+    # The lowest user address: either it is free (and now ours) or already taken (this
+    # emulator's process heap may live there); a reservation on it then must fail.
     win32.SetLastError(SENTINEL)
-    first = win32.VirtualAlloc(0x10000, 0x1000, MEM_RESERVE, PAGE_NOACCESS)
-    assert first == 0x10000 or (first == 0 and win32.GetLastError() == ERROR_INVALID_ADDRESS)
-    assert query(win32, 0x10000).State != MEM_FREE
-    fails(win32, ERROR_INVALID_ADDRESS, win32.VirtualAlloc, 0x10000, 0x1000, MEM_RESERVE, PAGE_NOACCESS)
+    first = win32.VirtualAlloc(low, 0x1000, MEM_RESERVE, PAGE_NOACCESS)
+    assert first == low or (first == 0 and win32.GetLastError() == ERROR_INVALID_ADDRESS)
+    assert query(win32, low).State != MEM_FREE
+    fails(win32, ERROR_INVALID_ADDRESS, win32.VirtualAlloc, low, 0x1000, MEM_RESERVE, PAGE_NOACCESS)
 
 
 def test_va20_reserve_commit_at_unaligned_address_commits_whole_span(win32):
@@ -535,7 +546,7 @@ def test_va22_access_outside_any_allocation(win32):
     assert view_error(win32, a + 0x1000, 1) == ERROR_NOACCESS  # granule tail, free
     assert view_error(win32, a + 0xFFF, 2) == ERROR_NOACCESS  # runs off the end of the region
     assert view_error(win32, 0, 1) == ERROR_NOACCESS  # NULL / the header
-    assert view_error(win32, SEGMENT - 1, 2) == ERROR_NOACCESS  # past the segment
+    assert view_error(win32, END - 1, 2) == ERROR_NOACCESS  # past the segment
     assert view_error(win32, 2**64 - 1, 1) == ERROR_NOACCESS
 
 
@@ -717,7 +728,7 @@ def test_vf11_release_where_there_is_no_allocation_fails(win32):
 
 
 def test_vf11_release_of_null_and_out_of_range_addresses_fails(win32):
-    for address in (0, 0x1000, SEGMENT, 2**64 - 1):
+    for address in (0, 0x1000, END, 2**64 - 1):
         error = fails_any(win32, win32.VirtualFree, address, 0, MEM_RELEASE)
         assert error in (ERROR_INVALID_ADDRESS, ERROR_INVALID_PARAMETER)
 
@@ -819,9 +830,9 @@ def test_vq08_length_is_a_size_t(win32):
     fails(win32, ERROR_BAD_LENGTH, win32.VirtualQuery, a, 2**64)  # wraps to 0
 
 
-@pytest.mark.parametrize("address", [SEGMENT, SEGMENT + 0x10000, 2**63, 2**64 - 1, -1], ids=hex)
-def test_vq09_query_beyond_the_address_space_is_invalid_parameter(win32, address):
-    fails(win32, ERROR_INVALID_PARAMETER, win32.VirtualQuery, address)
+def test_vq09_query_beyond_the_address_space_is_invalid_parameter(win32):
+    for address in (END, END + 0x10000, 2**63, 2**64 - 1, -1):
+        fails(win32, ERROR_INVALID_PARAMETER, win32.VirtualQuery, address)
 
 
 # ---- 11. VirtualProtect ----------------------------------------------------------------------
@@ -1222,8 +1233,8 @@ def test_get_system_info(win32):
     info = win32.GetSystemInfo()
     assert info.dwPageSize == 0x1000 == os.sysconf("SC_PAGE_SIZE")
     assert info.dwAllocationGranularity == 0x10000
-    assert info.lpMinimumApplicationAddress == 0x10000
-    assert info.lpMaximumApplicationAddress == SEGMENT - 1
+    assert info.lpMinimumApplicationAddress % 2**32 == 0x10000  # the base is 4 GiB aligned
+    assert info.lpMaximumApplicationAddress == info.lpMinimumApplicationAddress - 0x10000 + SEGMENT - 1
     cpus = os.sched_getaffinity(0)
     assert info.dwNumberOfProcessors == len(cpus) >= 1
     assert info.dwActiveProcessorMask == sum(1 << cpu for cpu in cpus)
