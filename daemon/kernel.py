@@ -38,8 +38,7 @@ class Kernel:
         self.shm, self.base = segment.create(name, size, os.getpid(), time.time_ns())
         try:
             self.memory = segment.address_space(self.base + size)  # the global heap's bytes
-            self.pagetable = PageTable(self.base + segment.HEADER_SIZE, self.base + size,
-                                       Backing(self.shm.fd, self.base), commit_limit,
+            self.pagetable = PageTable(self.base, size, Backing(self.shm.fd, self.base), commit_limit,
                                        process_commit_limit, reclaim=self._reclaim)
             self.heaps = Heaps(self.pagetable)
             self.global_memory = GlobalMemory(self.pagetable, self.memory)

@@ -144,16 +144,17 @@ class Region:
 
 
 class PageTable:
-    def __init__(self, start, end, backing, commit_limit, process_commit_limit, reclaim=None):
-        self.start = start  # the lowest address a region may have
-        self.end = end  # the segment's end
+    def __init__(self, base, size, backing, commit_limit, process_commit_limit, reclaim=None):
+        self.base = base  # where the segment is mapped
+        self.start = base + segment.HEADER_SIZE  # the lowest address a region may have
+        self.end = base + size
         self.backing = backing
         self.commit_limit = commit_limit
         self.process_commit_limit = process_commit_limit
         self.regions = {}
         self.bases = []
-        self.free_starts = [start]
-        self.free_ends = [end]
+        self.free_starts = [self.start]
+        self.free_ends = [self.end]
         self.committed = 0  # bytes, all owners
         self.committed_by_owner = {}
         self.regions_by_owner = {}
@@ -422,7 +423,7 @@ class PageTable:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
         if address and address < self.start:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "address below the lowest user address")
-        if (address or self.start) + size > self.end:  # NULL: anywhere in [start, end)
+        if (address or self.base) + size > self.end:  # NULL: larger than the whole segment
             raise_for(WinError.ERROR_INVALID_PARAMETER if alloc_type & MEM_RESERVE or not address
                   else WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
         if alloc_type & MEM_RESERVE or not address:

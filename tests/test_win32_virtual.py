@@ -613,7 +613,7 @@ def test_va24_per_process_commit_limit(win32_process_limited):
 
 def test_va24_no_free_range_is_not_enough_memory(win32):
     # a small reservation in the middle of the segment leaves no 200 MiB hole anywhere
-    middle = 128 * MiB
+    middle = END - 128 * MiB
     assert reserve(win32, address=middle) == middle
     free_before = win32.GlobalMemoryStatusEx().ullAvailVirtual
     assert free_before > 200 * MiB
