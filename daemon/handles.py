@@ -79,6 +79,12 @@ class GlobalMemory:
     def live_objects(self):
         return self.heap.live - len(self.table.chunks)  # the handle table's own blocks aside
 
+    @property
+    def shared_objects(self):
+        """Objects no process owns (GMEM_SHARE / GMEM_DDESHARE): they outlive their makers."""
+        moveable_with_data = sum(1 for entry in self.table.entries.values() if entry.pointer)
+        return self.live_objects - moveable_with_data + len(self.table.entries) - len(self.owners)
+
     def alloc(self, pid, flags, size):
         value = self.table.alloc(flags, size)
         if not flags & GMEM_DDESHARE:

@@ -107,6 +107,12 @@ class Kernel:
         if process is not None:
             release_process(process.pid, self)
 
+    def outliving(self):
+        """What would be lost if the daemon exited now, in words ('' if nothing): memory
+        meant to outlive the processes that made it (GMEM_SHARE objects, keep=True buffers)."""
+        shared = self.global_memory.shared_objects
+        return f"{shared} shared global objects outlive their processes" if shared else ""
+
     # ---- periodic work -------------------------------------------------------------------
 
     def housekeeping(self, now):

@@ -55,16 +55,24 @@ class Server:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self.selector.register(wake_r, selectors.EVENT_READ, lambda sock, mask: sock.recv(512))
         idle_since = time.monotonic()
+        kept_said = False  # logged once per idle spell that something keeps us up
         try:
             while not self.stopping:
                 now = time.monotonic()
                 timeout = self.kernel.housekeeping(now)
                 if self.idle_exit and not self.live:
                     idle_left = idle_since + self.idle_exit - now
-                    if idle_left <= 0:
-                        log.info("idle for %ss with no clients: exiting", self.idle_exit)
+                    kept = self.kernel.outliving()
+                    if idle_left <= 0 and not kept:
+                        log.info("idle for %ss with no clients and nothing meant to outlive them: exiting",
+                                 self.idle_exit)
                         break
-                    timeout = idle_left if timeout is None else min(timeout, idle_left)
+                    if idle_left <= 0:
+                        if not kept_said:
+                            log.info("idle, but staying up: %s", kept)
+                            kept_said = True
+                    else:
+                        timeout = idle_left if timeout is None else min(timeout, idle_left)
                 for key, mask in self.selector.select(timeout):
                     if type(key.data) is Session:
                         self._on_ready(key.data, mask)
@@ -72,6 +80,7 @@ class Server:
                         key.data(key.fileobj, mask)
                 if self.live:
                     idle_since = time.monotonic()
+                    kept_said = False
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():

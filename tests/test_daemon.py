@@ -180,3 +180,23 @@ def test_a_commit_limit_too_small_for_the_daemon_itself_is_one_line_and_exit_1(s
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "[WinError 1455]" in proc.stderr, proc.stderr
     assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
+
+
+def test_idle_daemon_stays_up_while_shared_memory_lives(make_daemon):
+    daemon = make_daemon("--idle-exit", "0.3")
+    with connect(daemon.socket, autostart=False) as c:
+        kept = c.share(64, keep=True)  # GMEM_SHARE: meant to outlive this process
+        kept.view()[:4] = b"kept"
+        mortal = c.share(64)
+        address = kept.address
+    with pytest.raises(subprocess.TimeoutExpired):
+        daemon.proc.wait(timeout=1.5)  # five idle periods: it stays
+    assert "staying up: 1 shared global objects" in daemon.log_text()
+    with connect(daemon.socket, autostart=False) as c:
+        assert bytes(c.raw_view(address, 4)) == b"kept"
+        with pytest.raises(ShmheapValueError):
+            c.global_size(mortal.address)  # the unshared one went with its process
+        c.global_free(address)
+    assert daemon.proc.wait(timeout=10) == 0  # nothing left to lose: it exits
+    assert "nothing meant to outlive them: exiting" in daemon.log_text()
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
