@@ -4,6 +4,8 @@ Each step prints what it did and what the daemon or the kernel says about it; a 
 outcome is not what shmheap promises raises, so the demo doubles as a smoke test.
 """
 
+import ctypes
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -36,12 +38,31 @@ def _show_query(address):
          f"  protect={info.Protect:#x}")
 
 
+def _receive(conn, what, timeout=30.0):
+    if not conn.poll(timeout):
+        raise SystemExit(f"demo: no answer from {what} within {timeout:.0f} s")
+    return conn.recv()
+
+
 def _reader(address, conn):
-    """A second process: reads the parent's bytes at the same address and answers beside them."""
-    with shmheap.connect(autostart=False) as c:
-        message = bytes(c.raw_view(address, 32)).rstrip(b"\0")
-        c.raw_view(address + 64, 24)[:] = f"pid {os.getpid()} was here".encode().ljust(24)
-        conn.send(message)
+    """A second process: the parent's global object by pointer, with ctypes, and an answer
+    written beside it."""
+    from shmheap import win32 as w
+
+    w.GlobalLock(address)  # a fixed object's handle is its pointer: the lock opens its pages here
+    message = ctypes.string_at(address, 32).rstrip(b"\0")
+    ctypes.memmove(address + 64, f"pid {os.getpid()} was here".encode().ljust(24), 24)
+    w.GlobalUnlock(address)
+    conn.send(message)
+
+
+def _intruder(address):
+    """A process that writes to another process's private page: an access violation."""
+    from shmheap import win32 as w
+
+    w.GetSystemInfo()  # connected, so the segment is mapped here, with nothing of the parent's open
+    faulthandler.enable()  # shows where the fault happened, on stderr, before the process dies
+    ctypes.memset(address, 0x55, 1)
 
 
 def _hog(size, conn):
@@ -81,19 +102,28 @@ def main(argv=None):
     _expect(base, f"reserve failed, error {win32.GetLastError()}")
     win32.VirtualAlloc(base, 256 * 1024, MEM_COMMIT, PAGE_READWRITE)
     win32.VirtualProtect(base + 4096, 4096, PAGE_READONLY)
+    win32.write(base, b"greetings")
     for address in (base, base + 4096, base + 8192, base + 256 * 1024):
         _show_query(address)
 
-    _say("\n3. Zero copy between processes: the same address means the same bytes everywhere")
-    win32.write(base, b"greetings from the parent")
+    _say("\n3. Addresses are pointers, the same in every process; private pages stay private")
+    shared = win32.GlobalAlloc(win32.GMEM_ZEROINIT, 4096)
+    ctypes.memmove(shared, b"greetings from the parent", 25)  # no facade: a plain C pointer
     parent_end, child_end = spawn.Pipe()
-    reader = spawn.Process(target=_reader, args=(base, child_end))
+    reader = spawn.Process(target=_reader, args=(shared, child_end))
     reader.start()
-    seen = parent_end.recv()
-    reader.join()
-    answer = win32.read(base + 64, 24).decode().strip()
-    _say(f"   child {reader.pid} read {seen!r}; parent reads back {answer!r}")
+    seen = _receive(parent_end, "the reader")
+    reader.join(30)
+    answer = ctypes.string_at(shared + 64, 24).decode().strip()
+    _say(f"   child {reader.pid} read {seen!r} at {shared:#x}; parent reads back {answer!r}")
     _expect(seen == b"greetings from the parent" and answer.startswith(f"pid {reader.pid}"), "shared bytes")
+    intruder = spawn.Process(target=_intruder, args=(base,))
+    intruder.start()
+    intruder.join(30)
+    _say(f"   child {intruder.pid} wrote to the parent's private page {base:#x}: stopped by"
+         f" signal {-intruder.exitcode} ({signal.Signals(-intruder.exitcode).name}); the page is intact")
+    _expect(intruder.exitcode == -signal.SIGSEGV and win32.read(base, 9) == b"greetings", "an access violation")
+    win32.GlobalFree(shared)
 
     _say("\n4. Commit is real memory; decommit gives it back to the machine (tmpfs st_blocks)")
     before = _resident()
@@ -110,7 +140,7 @@ def main(argv=None):
     parent_end, child_end = spawn.Pipe()
     hog = spawn.Process(target=_hog, args=(32 * MiB, child_end))
     hog.start()
-    hog_address = parent_end.recv()
+    hog_address = _receive(parent_end, "the hog")
     held = _resident()
     os.kill(hog.pid, signal.SIGKILL)
     hog.join()
@@ -146,7 +176,7 @@ def main(argv=None):
     parent_end, child_end = spawn.Pipe()
     peer = spawn.Process(target=_global_peer, args=(handle, child_end))
     peer.start()
-    seen, mapped = parent_end.recv()
+    seen, mapped = _receive(parent_end, "the global peer")
     peer.join()
     back = win32.read(win32.GlobalLock(handle), 11)
     win32.GlobalUnlock(handle)

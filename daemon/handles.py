@@ -17,7 +17,7 @@ Every call returns its Win32 value or raises ShmheapError with the Win32 code.
 from shmheap.constants import GMEM_DDESHARE, GMEM_MODIFY, PAGE_READWRITE
 from shmheap.errors import WinError, raise_for
 from shmheap.heap import Heap, PageSource, heap_layout
-from shmheap.moveable import GLOBAL, MoveableTable
+from shmheap.moveable import ADDRESS_MASK, GLOBAL, MoveableTable
 from shmheap.segment import PAGE_SIZE, pages_in
 
 from .pagetable import SYSTEM
@@ -68,7 +68,7 @@ class PageTablePages(PageSource):
 class GlobalMemory:
     def __init__(self, pagetable, memory):
         reserve, commit, _ = heap_layout(GLOBAL_HEAP_INITIAL, 0)
-        source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
+        source = self.source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
         self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit,
                          large_cache_limit=LARGE_CACHE_LIMIT)
         self.cached_since = None
@@ -89,7 +89,17 @@ class GlobalMemory:
         value = self.table.alloc(flags, size)
         if not flags & GMEM_DDESHARE:
             self.owners[value] = pid
+        self._hand_out(value)
         return value
+
+    def _hand_out(self, value):
+        """The caller gets a pointer (a fixed object's, or a moveable one's slot): its reply
+        opens the pages to it (PageTable.touch)."""
+        pointer = value & ADDRESS_MASK
+        if self.table.is_block(pointer):
+            self.source.pagetable.touch(pointer, pointer + max(self.heap.size(pointer), 1))
+        else:
+            self.source.pagetable.touch(pointer, pointer + 8)
 
     def alloc_many(self, pid, flags, sizes):
         """Allocate every size or none: returns the handles, or raises the first failure."""
@@ -111,6 +121,7 @@ class GlobalMemory:
 
     def realloc(self, pid, handle, size, flags):
         value = self.table.realloc(handle, size, flags)
+        self._hand_out(value)
         if value != handle:  # a fixed block moved, or became a moveable object
             owner = self.owners.pop(handle, None)
             if owner is not None:
@@ -123,7 +134,9 @@ class GlobalMemory:
         return self.table.size(handle)
 
     def lock(self, pid, handle):
-        return self.table.lock(handle)
+        pointer = self.table.lock(handle)
+        self._hand_out(pointer)
+        return pointer
 
     def unlock(self, pid, handle):
         return self.table.unlock(handle)

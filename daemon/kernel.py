@@ -35,6 +35,7 @@ class Kernel:
 
     def __init__(self, name, size, commit_limit, process_commit_limit):
         self.name = name
+        self.size = size
         self.shm, self.base = segment.create(name, size, os.getpid(), time.time_ns())
         try:
             self.memory = segment.address_space(self.base + size)  # the global heap's bytes
@@ -113,6 +114,20 @@ class Kernel:
         shared = self.global_memory.shared_objects
         return f"{shared} shared global objects outlive their processes" if shared else ""
 
+    # ---- each process's mapping ----------------------------------------------------------
+
+    def begin(self):
+        """A request starts: nothing touched yet."""
+        self.pagetable.take_touched()
+
+    def access_changes(self, pid):
+        """What the request just answered changed in what `pid` may touch (PageTable.touch),
+        for its reply: [[address, length, prot], ...], or None."""
+        changes = []
+        for start, end in self.pagetable.take_touched():
+            changes += self.pagetable.access_runs(pid, start, end)
+        return changes or None
+
     # ---- periodic work -------------------------------------------------------------------
 
     def housekeeping(self, now):
@@ -170,7 +185,7 @@ class Kernel:
     def close(self):
         """Unmap and unlink the segment."""
         if self.shm is not None:
-            segment.detach(self.name, self.base)
+            segment.unmap(self.base, self.size)
             self.shm.close_fd()
             segment.unlink_quietly(self.name)
             self.shm = None

@@ -32,6 +32,7 @@ following ../shared/reference/win32_semantics.md rows VA-*, VF-*, VQ-*, VP-*.
 """
 
 import errno
+import mmap
 import os
 from bisect import bisect_left, bisect_right
 
@@ -44,7 +45,7 @@ from shmheap.constants import (
 )
 from shmheap.errors import ShmheapError, WinError, raise_for
 from shmheap import segment
-from shmheap.segment import ALLOCATION_GRANULARITY, PAGE_SIZE, pages_in, round_down, round_up
+from shmheap.segment import ALLOCATION_GRANULARITY, PAGE_SIZE, Runs, pages_in, round_down, round_up
 
 GRANULE = ALLOCATION_GRANULARITY
 RESERVED = 0  # run value of a reserved (uncommitted) page
@@ -80,14 +81,14 @@ class Backing:
         return os.fstat(self.fd).st_blocks * 512
 
 
-class Region:
+class Region(Runs):
     """One reservation. Pages are runs; see the module docstring. Other layers read its
     fields; only the page table changes them."""
 
-    __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "viewers", "starts",
-                 "values", "committed_pages")
+    __slots__ = ("base", "size", "owner", "kind", "alloc_protect", "shared", "viewers", "committed_pages")
 
     def __init__(self, base, size, owner, kind, alloc_protect):
+        super().__init__(size // PAGE_SIZE, RESERVED)
         self.base = base
         self.size = size  # a multiple of PAGE_SIZE
         self.owner = owner
@@ -95,44 +96,11 @@ class Region:
         self.alloc_protect = alloc_protect
         self.shared = False  # visible to every process (the global heap)
         self.viewers = None  # a section's: pid -> writable, for the processes with views (grant)
-        self.starts = [0]
-        self.values = [RESERVED]
         self.committed_pages = 0
-
-    @property
-    def pages(self):
-        return self.size // PAGE_SIZE
 
     @property
     def end(self):
         return self.base + self.size
-
-    def runs(self, first, last):
-        """(start, stop, value) for the runs overlapping pages [first, last), clipped to it."""
-        starts, values = self.starts, self.values
-        i = bisect_right(starts, first) - 1
-        while i < len(starts) and starts[i] < last:
-            stop = starts[i + 1] if i + 1 < len(starts) else self.pages
-            yield max(starts[i], first), min(stop, last), values[i]
-            i += 1
-
-    def set_pages(self, first, last, value):
-        """Give pages [first, last) one value, splicing and re-coalescing the runs."""
-        if first >= last:
-            return
-        starts, values = self.starts, self.values
-        lo = bisect_left(starts, first)
-        hi = bisect_right(starts, last)
-        new_starts, new_values = [first], [value]
-        if last < self.pages:
-            new_starts.append(last)
-            new_values.append(values[hi - 1])
-        starts[lo:hi] = new_starts
-        values[lo:hi] = new_values
-        # Only the runs around the splice can now equal a neighbour.
-        for i in range(min(lo + 2, len(starts) - 1), max(lo - 1, 0), -1):
-            if values[i] == values[i - 1]:
-                del starts[i], values[i]
 
     def count_committed(self, first, last):
         return sum(stop - start for start, stop, value in self.runs(first, last) if value != RESERVED)
@@ -161,6 +129,9 @@ class PageTable:
         # Called when a commit would pass the limit: gives back memory kept only as a cache
         # (the global heap's freed large regions); returns the bytes it freed.
         self.reclaim = reclaim or (lambda: 0)
+        # Address ranges whose access may have changed since `take_touched`: what the reply
+        # to the current request must bring the caller's mapping up to date on.
+        self.touched = []
 
     # ---- address-space primitives ---------------------------------------------------------
 
@@ -265,6 +236,7 @@ class PageTable:
                 raise_for(code, f"segment cannot back the commit: {exc.strerror}")
             self._count(region, new_bytes)
         region.set_pages(first, last, protect)
+        self._touch_pages(region, first, last)
 
     def decommit(self, region, first, last):
         """Decommit pages [first, last); reserved pages in the range are left as they are."""
@@ -274,6 +246,7 @@ class PageTable:
                 self.backing.decommit(region.base + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
                 freed += (stop - start) * PAGE_SIZE
         region.set_pages(first, last, RESERVED)
+        self._touch_pages(region, first, last)
         self._count(region, -freed)
         return freed
 
@@ -300,11 +273,75 @@ class PageTable:
         if region.viewers is None:
             region.viewers = {}
         region.viewers[pid] = writable
+        self.touch(region.base, region.end)
 
     def revoke(self, region, pid):
         """Process `pid` no longer sees into `region` (its last view is gone)."""
         if region.viewers:
             region.viewers.pop(pid, None)
+        self.touch(region.base, region.end)
+
+    # ---- what each process may touch ------------------------------------------------------
+
+    def touch(self, start, end):
+        """The access to [start, end) may have changed, or the caller is handed a pointer into
+        it: the reply to this request brings the caller's mapping up to date there."""
+        self.touched.append((round_down(start, PAGE_SIZE), round_up(end, PAGE_SIZE)))
+
+    def _touch_pages(self, region, first, last):
+        self.touched.append((region.base + first * PAGE_SIZE, region.base + last * PAGE_SIZE))
+
+    def take_touched(self):
+        """The ranges touched since the last call, merged and sorted."""
+        spans = sorted(self.touched)
+        self.touched = []
+        merged = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return merged
+
+    def access_runs(self, pid, start, end):
+        """What process `pid` may do with the pages of [start, end), as [address, length, prot]
+        runs: its own committed pages as their protection allows (a guard page: nothing until
+        touched through a checked view), shared regions' committed pages, the sections it
+        views as its views allow (FILE_MAP_READ: read only); nothing anywhere else."""
+        out = []
+
+        def add(a, b, prot):
+            if b <= a:
+                return
+            if out and out[-1][0] + out[-1][1] == a and out[-1][2] == prot:
+                out[-1][1] += b - a
+            else:
+                out.append([a, b - a, prot])
+
+        start, end = max(start, self.base), min(end, self.end)
+        cursor = start
+        i = max(bisect_right(self.bases, start) - 1, 0)
+        while cursor < end:
+            region = self.regions[self.bases[i]] if i < len(self.bases) else None
+            if region is None or region.base >= end:
+                add(cursor, end, 0)
+                break
+            i += 1
+            if region.end <= cursor:
+                continue
+            add(cursor, region.base, 0)
+            cursor = max(cursor, region.base)
+            stop = min(round_up(region.end, PAGE_SIZE), end)
+            if _visible(region, pid):
+                writable = region.viewers is None or region.owner == pid or region.viewers[pid]
+                first = (cursor - region.base) // PAGE_SIZE
+                for run_start, run_stop, value in region.runs(first, pages_in(stop - region.base)):
+                    add(max(region.base + run_start * PAGE_SIZE, cursor),
+                        min(region.base + run_stop * PAGE_SIZE, stop), _prot(value, writable))
+            else:
+                add(cursor, stop, 0)
+            cursor = stop
+        return out
 
     # ---- what the table holds -------------------------------------------------------------
 
@@ -504,6 +541,7 @@ class PageTable:
         for start, stop, value in runs:
             # Cache modifiers are fixed when pages are committed (VA-09, modern Windows).
             region.set_pages(start, stop, (protect & ~PAGE_CACHE_MODIFIERS) | (value & PAGE_CACHE_MODIFIERS))
+        self._touch_pages(region, first, last)
         return old
 
     def access(self, owner, address, size, want_write):
@@ -512,6 +550,7 @@ class PageTable:
         clears their guard and fails once with STATUS_GUARD_PAGE_VIOLATION (VA-07)."""
         if size == 0 or address + size > self.end:
             raise_for(WinError.ERROR_NOACCESS, "empty view or range past the end of the address space")
+        self.touch(address, address + size)  # the reply tells the caller's mapping about it
         region = self.region_at(address)
         if region is None or not _visible(region, owner) or address + size > region.end:
             raise_for(WinError.ERROR_NOACCESS, f"no accessible memory at {address:#x}+{size:#x}")
@@ -522,6 +561,7 @@ class PageTable:
         if guarded:
             for start, stop, value in guarded:
                 region.set_pages(start, stop, value & ~PAGE_GUARD)
+            self._touch_pages(region, first, last)
             raise_for(WinError.STATUS_GUARD_PAGE_VIOLATION, "guard page touched; guard cleared")
         if any(not value & PAGE_READABLE for _, _, value in runs):
             raise_for(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
@@ -531,6 +571,13 @@ class PageTable:
         if want_write and not writable:
             raise_for(WinError.ERROR_NOACCESS, "range holds read-only pages")
         return writable
+
+
+def _prot(value, writable):
+    """The mapping's protection for a page of state `value` (0: reserved)."""
+    if value == RESERVED or value & PAGE_GUARD or not value & PAGE_READABLE:
+        return 0
+    return mmap.PROT_READ | mmap.PROT_WRITE if writable and value & PAGE_WRITABLE else mmap.PROT_READ
 
 
 def _visible(region, owner):

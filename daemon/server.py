@@ -155,15 +155,19 @@ class Server:
             return encode_reply(exc.msgid, exc.code, str(exc))
         if op != HELLO and not session.greeted:
             return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
+        self.kernel.begin()
         try:
             if op == HELLO:
-                return encode_reply(msgid, 0, self._hello(session, *args))
-            return encode_reply(msgid, 0, self.kernel.ops[op](session.pid, *args))
+                error, result = 0, self._hello(session, *args)
+            else:
+                error, result = 0, self.kernel.ops[op](session.pid, *args)
         except ShmheapError as exc:
-            return encode_reply(msgid, exc.winerror, exc.args[0])
+            error, result = exc.winerror, exc.args[0]
         except Exception:
             log.exception("handler %s failed for pid %d", op, session.pid)
-            return encode_reply(msgid, WinError.ERROR_GEN_FAILURE, f"internal error in {op}")
+            error, result = WinError.ERROR_GEN_FAILURE, f"internal error in {op}"
+        # Success or not, the caller's mapping learns what the request changed for it.
+        return encode_reply(msgid, error, result, self.kernel.access_changes(session.pid))
 
     def _hello(self, session, version, client_info):
         if version != PROTOCOL_VERSION:

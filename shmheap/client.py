@@ -3,8 +3,9 @@
 `connect()` assembles the stack: socket path, connection (with its autostarted daemon and its
 handshake), the mapping of the segment, and the process heap made in the handshake's write.
 
-A Client holds the process's mapping of the segment at the daemon's base (`memory`, a
-memoryview whose index is the address), its private heaps (`heaps`, handle -> allocator), its process heap and its LocalAlloc
+A Client holds the process's mapping of the segment at the daemon's base (`mapping`, which
+opens to this process exactly what the daemon says it may touch, and `memory`, a memoryview
+whose index is the address), its private heaps (`heaps`, handle -> allocator), its process heap and its LocalAlloc
 objects. Its methods are of two kinds:
 
     the stub    one method per op of `shmheap.protocol.OPS`, named after the op, returning the
@@ -22,12 +23,13 @@ import itertools
 import os
 import threading
 
-from . import segment
+from . import mapping, segment
 from .connection import CONNECT_TIMEOUT, Connection
 from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, MEM_COMMIT, MEM_RESERVE,
                         MEMORY_BASIC_INFORMATION, PAGE_READWRITE)
 from .errors import ShmheapError, WinError, raise_for
 from .heap import Heap, heap_layout
+from .mapping import WRITE
 from .moveable import LOCAL, MoveableTable
 from .private_heap import DaemonPages, PrivateHeap
 from .shared_buffer import SharedBuffer
@@ -47,7 +49,7 @@ def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
 
 
 class Client:
-    memory = None  # a half-built client is safe to close
+    memory = mapping = None  # a half-built client is safe to close
     connection = None
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT):
@@ -60,7 +62,8 @@ class Client:
         self.local_objects = None
         self._heap_names = itertools.count(1)
         self.connection = Connection(path, autostart=autostart, timeout=timeout, greeting=self._greeting,
-                                     on_open=self._on_open, on_drop=self._on_drop)
+                                     on_open=self._on_open, on_drop=self._on_drop,
+                                     on_access=self._on_access)
         self.connection.ensure_open()
 
     # ---- connection ----------------------------------------------------------------------
@@ -77,9 +80,9 @@ class Client:
         (handle,) = results
         if isinstance(handle, ShmheapError):
             raise_for(handle.winerror, f"no process heap: {handle.args[0]}")
-        if self.memory is None:
+        if self.mapping is None:
             try:
-                segment.attach(info["segment"], info["base"], info["size"])
+                self.mapping = mapping.acquire(info["segment"], info["base"], info["size"])
             except OSError as exc:
                 raise_for(WinError.ERROR_INVALID_ADDRESS,
                           f"this process cannot map the segment where every process does: {exc}")
@@ -95,6 +98,9 @@ class Client:
         heap = Heap(DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)
         self.heaps[handle] = heap
         return heap
+
+    def _on_access(self, changes):
+        self.mapping.apply(changes)
 
     def _on_drop(self):
         # The connection went: the daemon released its heaps (loss, close), or they are the
@@ -112,16 +118,16 @@ class Client:
 
     @property
     def closed(self):
-        return self.memory is None
+        return self.mapping is None
 
     def close(self):
-        """Close the connection and this client's hold on the mapping: once no client of
-        this process uses the segment, it is unmapped, and stale pointers into it fault."""
+        """Close the connection and this client's use of the mapping: once no client of this
+        process uses the segment, it is unmapped, and stale pointers into it fault."""
         if self.connection is not None:
             self.connection.close()
-        if self.memory is not None:
-            self.memory = None
-            segment.detach(self.info["segment"], self.info["base"])
+        if self.mapping is not None:
+            mapping.release(self.mapping)
+            self.mapping = self.memory = None
 
     def __enter__(self):
         return self
@@ -312,18 +318,25 @@ class Client:
     # ---- bytes ---------------------------------------------------------------------------
 
     def view(self, address, size, *, write=False):
-        """A zero-copy memoryview of [address, address+size), checked by the daemon: the
-        pages must be committed, readable and ours (or shared); read-only pages give a
-        read-only view, and `write=True` insists on a writable one."""
+        """A zero-copy memoryview of [address, address+size) if this process may touch it:
+        committed, readable pages of its own, of the global memory or of its section views.
+        Read-only pages give a read-only view; `write=True` insists on a writable one.
+        Checked against the mapping, with no round trip; only memory this process was never
+        told about asks the daemon (which raises ShmheapPermissionError, or GuardPageError
+        once for a guard page). The view is as good as the pages: used after they are gone
+        or closed, it faults."""
         if size == 0:
             return self.memory[0:0]
-        writable = self.access(address, size, write)
+        allowed = self.mapping.allows(address, size)
+        if allowed != WRITE and (write or not allowed):
+            self.access(address, size, write)  # raises, or its reply opens the pages
+            allowed = self.mapping.allows(address, size)
         view = self.memory[address:address + size]
-        return view if writable else view.toreadonly()
+        return view if allowed == WRITE else view.toreadonly()
 
     def raw_view(self, address, size):
-        """The bytes at [address, address+size) with no check at all: the whole segment is
-        mapped in every process, as any kernel's memory is to a debugger."""
+        """The bytes at [address, address+size) with no check: touching them faults unless
+        this process's mapping allows it (`view` checks)."""
         if size < 0 or not self.in_segment(address) or address + size > self.info["base"] + self.info["size"]:
             raise ValueError("range outside the segment")
         return self.memory[address:address + size]

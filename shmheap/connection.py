@@ -12,7 +12,8 @@ Whoever owns the connection may send requests of its own with the handshake (the
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
 `on_open(info, results)` receives the daemon's hello and their results. `on_drop()` is told
 whenever the socket goes (loss, fork, close): what the daemon held for this connection is
-gone, or is the parent's.
+gone, or is the parent's. `on_access(changes)` gets the access changes a reply carries, as it
+arrives, before the call returns (shmheap/mapping.py).
 
 Fork hygiene: a forked child never speaks on its parent's socket. A fork hook closes the
 child's copy of the descriptor (the parent's stays open); the next call in the child opens a
@@ -44,13 +45,15 @@ class Connection:
     sock = None  # a half-built connection is safe to close
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
-                 on_open=None, on_drop=None):
+                 on_open=None, on_drop=None, on_access=None):
         self.path = path
         self.autostart = autostart
         self.timeout = timeout
         self.greeting = greeting  # () -> [(op, args)] to send with the hello
         self.on_open = on_open  # (info, results) -> None, once the handshake is answered
         self.on_drop = on_drop  # () -> None, when the socket goes
+        self.on_access = on_access  # (changes) -> None, for every reply that carries some
+        self._apply_access = on_access or (lambda changes: None)
         self.info = None  # the daemon's hello reply
         self.closed = False
         self._lock = threading.Lock()
@@ -71,9 +74,13 @@ class Connection:
             raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "connection is closed")
         self.sock = _open_socket(self.path, self.autostart and self.info is None, self.timeout)
         self._decoder = Decoder()
+        handshake_access = []  # applied once the hello is known to be our daemon's
+        self._apply_access = handshake_access.extend
         try:
-            hello, *results = self._roundtrip(
-                [hello_request(os.getpid()), *self.greeting()], True)
+            try:
+                hello, *results = self._roundtrip([hello_request(os.getpid()), *self.greeting()], True)
+            finally:
+                self._apply_access = self.on_access or (lambda changes: None)
             if isinstance(hello, ShmheapError):
                 raise_for(hello.winerror, f"handshake refused: {hello.args[0]}")
             if self.info is not None and hello["generation"] != self.info["generation"]:
@@ -81,6 +88,8 @@ class Connection:
             self.info = hello
             if self.on_open is not None:
                 self.on_open(hello, results)
+            if handshake_access:
+                self._apply_access(handshake_access)
         except BaseException:
             self.drop()
             raise
@@ -124,9 +133,11 @@ class Connection:
                     why = f" ({send_error})" if send_error else ""
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"the daemon closed the connection{why}")
                 for frame in self._decoder.feed(self._buffer_view[:received]):
-                    msgid, error, result = parse_reply(frame)
+                    msgid, error, result, access = parse_reply(frame)
                     if msgid == 0 and error:  # refused before any request (foreign uid)
                         raise_for(error, result)
+                    if access:
+                        self._apply_access(access)
                     if error:
                         result = error_for(error, result if isinstance(result, str) else None)
                     replies[msgid] = result

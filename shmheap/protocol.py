@@ -5,6 +5,11 @@ one msgpack object):
 
     request  [msgid, op, *args]        msgid: uint64 chosen by the client, op: str
     reply    [msgid, error, result]    error: Win32 code, 0 on success; result: None on error
+             [msgid, error, result, access]   when the request changed what the caller may
+                                       touch: [[address, length, prot], ...] page runs, prot
+                                       PROT_READ | PROT_WRITE (3), PROT_READ (1) or none (0),
+                                       for the caller to apply to its mapping before it goes
+                                       on (shmheap/mapping.py), success or not
 
 Requests may be pipelined; every reply carries the msgid of its request, so one failed request
 does not hide its neighbours. Two families of failure, as in h11:
@@ -163,8 +168,8 @@ def encode_request(msgid, op, args):
     return _packer.pack([msgid, op, *args])
 
 
-def encode_reply(msgid, error, result):
-    return _packer.pack([msgid, int(error), result])
+def encode_reply(msgid, error, result, access=None):
+    return _packer.pack([msgid, int(error), result, access] if access else [msgid, int(error), result])
 
 
 def parse_request(frame):
@@ -192,7 +197,15 @@ def hello_request(pid):
 
 
 def parse_reply(frame):
-    """Check a reply frame. Returns (msgid, error, result); raises ProtocolError."""
-    if type(frame) is not list or len(frame) != 3 or not _u64(frame[0]) or not _u64(frame[1]):
+    """Check a reply frame. Returns (msgid, error, result, access or None); raises
+    ProtocolError."""
+    if (type(frame) is not list or len(frame) not in (3, 4) or not _u64(frame[0]) or not _u64(frame[1])
+            or (len(frame) == 4 and not _access_runs(frame[3]))):
         raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"malformed reply {frame!r:.80}")
-    return frame[0], frame[1], frame[2]
+    return frame[0], frame[1], frame[2], frame[3] if len(frame) == 4 else None
+
+
+def _access_runs(value):
+    return type(value) is list and all(
+        type(run) is list and len(run) == 3 and _u64(run[0]) and _u64(run[1]) and run[2] in (0, 1, 3)
+        for run in value)

@@ -27,8 +27,8 @@ is below base + HEADER_SIZE. The rest is sparse: only committed pages cost memor
 Mapping: `map_at` maps the segment at its base with MAP_FIXED_NOREPLACE (through ctypes, as
 Python's mmap cannot choose an address), refusing to replace anything already mapped there,
 and `address_space` gives a memoryview whose index is the address, so `memory[p:p + n]` are
-the n bytes at pointer p. A process maps each segment once, whatever number of clients it
-opens on it (`attach` counts them).
+the n bytes at pointer p. The daemon maps its segment read-write; a client maps it with no
+access and opens what it may touch as the daemon says (shmheap/mapping.py).
 """
 
 import ctypes
@@ -38,6 +38,7 @@ import mmap
 import os
 import random
 import struct
+from bisect import bisect_left, bisect_right
 
 import posix_ipc
 
@@ -93,6 +94,47 @@ def as_array(view, dtype="uint8", shape=None):
     return array if shape is None else array.reshape(shape)
 
 
+class Runs:
+    """`pages` pages as runs of one value each: parallel sorted lists where values[i] holds
+    for pages starts[i] .. starts[i+1]-1 and no two neighbours are equal, so every operation
+    costs O(runs touched), not O(pages). The page table keeps a region's page states so;
+    a client keeps what its own mapping allows so."""
+
+    __slots__ = ("pages", "starts", "values")
+
+    def __init__(self, pages, value):
+        self.pages = pages
+        self.starts = [0]
+        self.values = [value]
+
+    def runs(self, first, last):
+        """(start, stop, value) for the runs overlapping pages [first, last), clipped to it."""
+        starts, values = self.starts, self.values
+        i = bisect_right(starts, first) - 1
+        while i < len(starts) and starts[i] < last:
+            stop = starts[i + 1] if i + 1 < len(starts) else self.pages
+            yield max(starts[i], first), min(stop, last), values[i]
+            i += 1
+
+    def set_pages(self, first, last, value):
+        """Give pages [first, last) one value, splicing and re-coalescing the runs."""
+        if first >= last:
+            return
+        starts, values = self.starts, self.values
+        lo = bisect_left(starts, first)
+        hi = bisect_right(starts, last)
+        new_starts, new_values = [first], [value]
+        if last < self.pages:
+            new_starts.append(last)
+            new_values.append(values[hi - 1])
+        starts[lo:hi] = new_starts
+        values[lo:hi] = new_values
+        # Only the runs around the splice can now equal a neighbour.
+        for i in range(min(lo + 2, len(starts) - 1), max(lo - 1, 0), -1):
+            if values[i] == values[i - 1]:
+                del starts[i], values[i]
+
+
 def default_socket_path():
     """`$SHMHEAP_SOCKET`, else `$XDG_RUNTIME_DIR/shmheap/shmheapd.sock`, else /tmp/shmheap-$UID/."""
     path = os.environ.get("SHMHEAP_SOCKET")
@@ -135,7 +177,7 @@ def create(name, size, daemon_pid, generation):
     base chosen at random (retrying where something is mapped already) and write its header.
 
     Returns (the posix_ipc object, the base); the caller owns the fd, must unmap the segment
-    (`detach`) and unlink it at shutdown.
+    and unlink it at shutdown.
     """
     if size % ALLOCATION_GRANULARITY or size <= HEADER_SIZE or size > MAX_SIZE:
         raise ValueError(f"segment size must be a multiple of 64 KiB above 64 KiB, at most 1 TiB, got {size}")
@@ -144,7 +186,7 @@ def create(name, size, daemon_pid, generation):
         for attempt in range(64):
             base = random.randrange(BASE_LOWEST // BASE_ALIGN, BASE_HIGHEST // BASE_ALIGN) * BASE_ALIGN
             try:
-                attach(name, base, size, shm.fd)
+                map_at(name, base, size, mmap.PROT_READ | mmap.PROT_WRITE, shm.fd)
                 break
             except FileExistsError:
                 continue  # something lives there in this process: try elsewhere
@@ -187,6 +229,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _memory_at = ctypes.pythonapi.PyMemoryView_FromMemory
 _memory_at.restype = ctypes.py_object
 _memory_at.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
@@ -194,45 +237,38 @@ _MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17: fail with EEXIST rather than repl
 _MAP_FAILED = 2**64 - 1
 _PYBUF_WRITE = 0x200
 
-_attached = {}  # (name, base) -> [size, how many attach() calls hold it]
-
-
-def attach(name, base, size, fd=None):
-    """Map segment `name` shared and read-write at exactly `base` in this process, or count
-    one more user of the mapping it has. Raises FileExistsError if something else is mapped
-    in the way, OSError for other failures."""
-    key = (name, base)
-    held = _attached.get(key)
-    if held is not None:
-        held[1] += 1
-        return
+def map_at(name, base, size, prot, fd=None):
+    """Map segment `name` (or the open `fd`) shared at exactly `base` with `prot`. Raises
+    FileExistsError if something is mapped in the way, OSError for other failures."""
     shm = posix_ipc.SharedMemory(name) if fd is None else None
     try:
-        got = _libc.mmap(base, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_SHARED | _MAP_FIXED_NOREPLACE, fd if shm is None else shm.fd, 0)
+        got = _libc.mmap(base, size, prot, mmap.MAP_SHARED | _MAP_FIXED_NOREPLACE,
+                         fd if shm is None else shm.fd, 0)
     finally:
         if shm is not None:
             shm.close_fd()
     if got in (None, _MAP_FAILED):
-        error = ctypes.get_errno()
-        raise (FileExistsError if error == errno.EEXIST else OSError)(
-            error, f"cannot map the segment at {base:#x}: {os.strerror(error)}")
+        _raise_errno(f"cannot map the segment at {base:#x}")
     if got != base:  # a kernel older than 4.17 takes the flag as a hint
         _libc.munmap(got, size)
         raise OSError(errno.EEXIST, f"cannot map the segment at {base:#x} (the kernel chose {got:#x})")
-    _attached[key] = [size, 1]
 
 
-def detach(name, base):
-    """One user fewer of the mapping; the last one unmaps it (a stale pointer into it then
-    faults rather than reaching memory that is gone)."""
-    held = _attached.get((name, base))
-    if held is None:
-        return
-    held[1] -= 1
-    if not held[1]:
-        del _attached[(name, base)]
-        _libc.munmap(base, held[0])
+def unmap(base, size):
+    """Unmap a segment: a stale pointer into it then faults rather than reach memory that is
+    gone."""
+    _libc.munmap(base, size)
+
+
+def protect(address, length, prot):
+    """mprotect: what this process may do with [address, address+length) from now on."""
+    if _libc.mprotect(address, length, prot):
+        _raise_errno(f"cannot protect {address:#x}+{length:#x}")
+
+
+def _raise_errno(what):
+    error = ctypes.get_errno()
+    raise (FileExistsError if error == errno.EEXIST else OSError)(error, f"{what}: {os.strerror(error)}")
 
 
 def address_space(end):
@@ -244,5 +280,4 @@ def address_space(end):
 def remove(address, length):
     """MADV_REMOVE: punch [address, address+length) of a mapped segment out of tmpfs."""
     if _libc.madvise(address, length, mmap.MADV_REMOVE):
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
+        _raise_errno(f"cannot remove {address:#x}+{length:#x}")

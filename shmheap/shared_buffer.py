@@ -26,7 +26,8 @@ class SharedBuffer:
         return self.address  # a fixed global object's handle is its address
 
     def view(self):
-        return self.client.memory[self.address:self.address + self.size]
+        """A writable memoryview of the buffer's bytes (no copy; checked as Client.view)."""
+        return self.client.view(self.address, self.size, write=True)
 
     def numpy(self, dtype="uint8", shape=None):
         """A numpy array over the buffer's bytes (no copy). Needs numpy (the `numpy` extra)."""

@@ -53,6 +53,39 @@ def in_forked_child(body):
         os.close(read_end)
 
 
+def receive(conn, timeout=30.0):
+    """conn.recv() with a deadline."""
+    if not conn.poll(timeout):
+        raise AssertionError(f"no message within {timeout}s")
+    return conn.recv()
+
+
+def _touch(socket_path, address, write):
+    import ctypes
+    import faulthandler
+
+    shmheap.connect(socket_path, autostart=False)  # mapped here, with what this process may touch
+    faulthandler.enable()
+    if write:
+        ctypes.memset(address, 0x55, 1)
+    else:
+        ctypes.string_at(address, 1)
+
+
+def touch_in_child(socket_path, address, write=True, timeout=30.0):
+    """Touch `address` with a raw pointer in a new process connected to the daemon; returns
+    its exit code (-SIGSEGV: an access violation)."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_touch, args=(socket_path, address, write))
+    child.start()
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        raise AssertionError(f"the child touching {address:#x} did not end within {timeout}s")
+    return child.exitcode
+
+
 class Daemon:
     """A real shmheapd process on a private socket."""
 

@@ -1,6 +1,7 @@
 """Real processes against a real daemon: shared bytes, reclaim on death, limits across
 processes, fork, threads and autostart."""
 
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -15,7 +16,7 @@ from shmheap import client as client_module
 from shmheap.constants import MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapMemoryError, WinError
 
-from conftest import in_forked_child, wait_until
+from conftest import in_forked_child, receive, touch_in_child, wait_until
 
 MiB = 2**20
 HEAP = client_module.PROCESS_HEAP_INITIAL  # every client commits its process heap at connect
@@ -31,12 +32,13 @@ def alloc(client, size):
     return client.virtual_alloc(0, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
 
 
-def _peer(socket_path, address, conn):
-    """In another process: read the parent's bytes, write an answer beside them, and publish
-    a region of our own with a pattern in it."""
+def _peer(socket_path, shared, conn):
+    """In another process: read the parent's global object by pointer, write an answer beside
+    it, and publish a private region of our own with a pattern in it."""
     with shmheap.connect(socket_path, autostart=False) as c:
-        seen = bytes(c.raw_view(address, 5))
-        c.raw_view(address + 8, 6)[:] = b"answer"
+        c.global_lock(shared)  # a fixed object's lock opens its pages here
+        seen = ctypes.string_at(shared, 5)
+        ctypes.memmove(shared + 8, b"answer", 6)
         own = alloc(c, 65536)
         c.view(own, 4, write=True)[:] = b"mine"
         conn.send((seen, own, c.pid))
@@ -44,18 +46,18 @@ def _peer(socket_path, address, conn):
 
 
 def test_two_processes_see_each_others_writes_at_the_same_address(daemon, client):
-    address = alloc(client, 65536)
-    client.view(address, 5, write=True)[:] = b"hello"
+    shared = client.global_alloc(0, 64)
+    client.view(shared, 5, write=True)[:] = b"hello"
     parent_end, child_end = spawn.Pipe()
-    child = spawn.Process(target=_peer, args=(daemon.socket, address, child_end))
+    child = spawn.Process(target=_peer, args=(daemon.socket, shared, child_end))
     child.start()
-    seen, own, child_pid = parent_end.recv()
+    seen, own, child_pid = receive(parent_end)
     assert seen == b"hello"
-    assert bytes(client.view(address + 8, 6)) == b"answer"
-    assert bytes(client.raw_view(own, 4)) == b"mine"
+    assert ctypes.string_at(shared + 8, 6) == b"answer"  # the same pointer in both processes
     assert child_pid == child.pid and child_pid != client.pid
     with pytest.raises(shmheap.ShmheapPermissionError):
         client.view(own, 4)  # the checked view refuses another process's private pages
+    assert touch_in_child(daemon.socket, own) == -signal.SIGSEGV  # and a raw touch faults
     parent_end.send("done")
     child.join(10)
     assert child.exitcode == 0
@@ -74,7 +76,7 @@ def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
     parent_end, child_end = spawn.Pipe()
     child = spawn.Process(target=_hog, args=(daemon.socket, 32 * MiB, child_end))
     child.start()
-    address = parent_end.recv()
+    address = receive(parent_end)
     assert daemon.resident_bytes() - baseline == 32 * MiB + HEAP  # its pages and its process heap
     assert any(r[0] == address and r[2] == child.pid for r in private_regions(client))
     os.kill(child.pid, signal.SIGKILL)

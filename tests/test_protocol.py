@@ -59,6 +59,11 @@ def test_garbage_is_a_protocol_error():
 
 def test_reply_shape():
     frame = msgpack.unpackb(encode_reply(3, WinError.ERROR_INVALID_ADDRESS, "no region"))
-    assert parse_reply(frame) == (3, 487, "no region")
+    assert parse_reply(frame) == (3, 487, "no region", None)
+    frame = msgpack.unpackb(encode_reply(4, 0, 1, [[0x10000, 0x1000, 3]]))
+    assert parse_reply(frame) == (4, 0, 1, [[0x10000, 0x1000, 3]])
+    for bad in ([[1, 2]], [[1, 2, 2]], "runs", [[-1, 2, 3]]):  # prot 2 (write only) is no access
+        with pytest.raises(ProtocolError):
+            parse_reply([5, 0, None, bad])
     with pytest.raises(ProtocolError):
         parse_reply([3, 0])

@@ -1,0 +1,102 @@
+"""The mapping: this process's view of one segment, and what it may touch there: its MMU.
+
+Theory of operation
+-------------------
+A client maps the segment at its base with no access at all, then opens exactly what the
+daemon says this process may touch: its own committed pages with their protection, the views
+of sections it maps, the global memory it uses. Every reply of the daemon may carry *access
+changes* for the caller, runs of [address, length, prot] computed from the daemon's page
+table after the request (protocol.py); the connection hands them here and `apply` makes them
+true with mprotect before the call returns. So a page is accessible exactly while the daemon
+says so: a view or a pointer kept past VirtualFree, a write to a page made read-only, a touch
+of another process's memory or of a guard page is an access violation (SIGSEGV), as on
+Windows, and no stale write can bring back a page the daemon decommitted.
+
+The mapping also remembers what it allows, as page runs (segment.Runs), so a checked view
+(`Client.view`) answers without a round trip; only a view of memory this process was never
+told about asks the daemon, once.
+
+One Mapping per segment per process, whatever number of clients use it (`acquire` /
+`release` count them). In a forked child every page is closed again: the child is another
+process, which holds nothing until its own connection says so.
+"""
+
+import mmap
+import os
+from bisect import bisect_right
+
+from . import segment
+from .segment import PAGE_SHIFT, PAGE_SIZE, Runs
+
+NONE, READ, WRITE = 0, mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
+
+_mappings = {}  # (segment name, base) -> Mapping
+
+
+class Mapping(Runs):
+    __slots__ = ("name", "base", "size", "users", "_open")
+
+    def __init__(self, name, base, size):
+        super().__init__(size >> PAGE_SHIFT, NONE)
+        segment.map_at(name, base, size, NONE)
+        self.name = name
+        self.base = base
+        self.size = size
+        self.users = 0
+        self._open = (0, 0, NONE)  # the last run found by `allows`: (start, end, prot)
+
+    def apply(self, changes):
+        """Make the daemon's access changes true: [[address, length, prot], ...]."""
+        for address, length, prot in changes:
+            segment.protect(address, length, prot)
+            first = (address - self.base) >> PAGE_SHIFT
+            self.set_pages(first, first + (length >> PAGE_SHIFT), prot)
+        self._open = (0, 0, NONE)
+
+    def allows(self, address, size):
+        """What every byte of [address, address+size) allows: WRITE, READ or NONE."""
+        start, end, prot = self._open
+        if start <= address and address + size <= end:
+            return prot
+        if size <= 0 or address < self.base or address + size > self.base + self.size:
+            return NONE
+        first = (address - self.base) >> PAGE_SHIFT
+        last = (address + size - self.base + PAGE_SIZE - 1) >> PAGE_SHIFT
+        i = bisect_right(self.starts, first) - 1
+        stop = self.starts[i + 1] if i + 1 < len(self.starts) else self.pages
+        if last <= stop:  # one run holds it all: remember it, so a view nearby costs two compares
+            self._open = (self.base + (self.starts[i] << PAGE_SHIFT), self.base + (stop << PAGE_SHIFT),
+                          self.values[i])
+            return self.values[i]
+        return min(prot for _, _, prot in self.runs(first, last))
+
+    def close_all(self):
+        """No access to anything (a forked child starts so)."""
+        segment.protect(self.base, self.size, NONE)
+        self.starts, self.values = [0], [NONE]
+        self._open = (0, 0, NONE)
+
+
+def acquire(name, base, size):
+    """The mapping of segment `name` at `base` in this process, made on first use."""
+    mapping = _mappings.get((name, base))
+    if mapping is None:
+        mapping = _mappings[(name, base)] = Mapping(name, base, size)
+    mapping.users += 1
+    return mapping
+
+
+def release(mapping):
+    """One user fewer; the last unmaps the segment."""
+    mapping.users -= 1
+    if not mapping.users:
+        del _mappings[(mapping.name, mapping.base)]
+        segment.unmap(mapping.base, mapping.size)
+
+
+def _after_fork_in_child():
+    for mapping in _mappings.values():
+        mapping.close_all()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,146 @@
+"""Each process's mapping is its MMU: a page is accessible in a process exactly while the
+daemon says that process may touch it. Stale views and pointers fault (SIGSEGV, in a child
+process), the tmpfs pages stay exactly what the daemon counts as committed whatever a process
+does with them, and checked views make no round trip."""
+
+import ctypes
+import faulthandler
+import multiprocessing
+import os
+import signal
+import threading
+
+import pytest
+
+import shmheap
+from shmheap.constants import (FILE_MAP_READ, MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE,
+                               PAGE_GUARD, PAGE_READONLY, PAGE_READWRITE)
+from shmheap.errors import GuardPageError, ShmheapPermissionError, WinError
+
+from conftest import receive, touch_in_child
+
+MiB = 2**20
+PAGE = 4096
+HEADER_RESIDENT = PAGE  # the segment's header page is in tmpfs, and no commit of anyone's
+spawn = multiprocessing.get_context("spawn")
+
+
+def _stale_write(socket_path, what, conn):
+    """Commit and write 16 MiB, keep a view, take the pages away (`what`), then write through
+    the view: this must fault."""
+    client = shmheap.connect(socket_path, autostart=False)
+    address = client.virtual_alloc(0, 16 * MiB)
+    view = client.view(address, 16 * MiB, write=True)
+    view[::PAGE] = b"x" * (16 * MiB // PAGE)
+    if what == "protect":
+        client.virtual_protect(address, 16 * MiB, PAGE_READONLY)
+    elif what == "decommit":
+        client.virtual_free(address, 16 * MiB, MEM_DECOMMIT)
+    else:
+        client.virtual_free(address, 0, MEM_RELEASE)
+    conn.send(client.memory_status()["process_committed"])
+    faulthandler.enable()
+    view[::PAGE] = b"y" * (16 * MiB // PAGE)  # every page: without the fault, 16 MiB comes back
+    conn.send("survived")
+    conn.recv()
+
+
+@pytest.mark.parametrize("what", ["protect", "decommit", "release"])
+def test_a_view_kept_past_its_pages_faults_and_commit_stays_exact(daemon, client, what):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_stale_write, args=(daemon.socket, what, child_end))
+    child.start()
+    committed = receive(parent_end)
+    child.join(30)
+    assert child.exitcode == -signal.SIGSEGV, "a write through a stale view did not fault"
+    if what == "protect":
+        assert committed >= 16 * MiB  # still committed, only read-only
+    status = client.status()
+    assert daemon.resident_bytes() == status["committed"] + HEADER_RESIDENT
+    client.check()
+
+
+def test_virtual_protect_takes_effect_on_views_taken_before(client, daemon):
+    address = client.virtual_alloc(0, 2 * PAGE)
+    view = client.view(address, 2 * PAGE, write=True)
+    view[:4] = b"rw!!"
+    client.virtual_protect(address, PAGE, PAGE_READONLY)
+    assert client.view(address, 4).readonly and bytes(view[:4]) == b"rw!!"  # still readable
+    with pytest.raises(ShmheapPermissionError):
+        client.view(address, 4, write=True)  # the checked view refuses at once
+    view[PAGE:PAGE + 4] = b"ok!!"  # the second page is still read-write
+    client.virtual_protect(address, PAGE, PAGE_READWRITE)
+    view[:4] = b"back"
+    assert bytes(client.view(address, 4)) == b"back"
+
+
+def test_guard_pages_fault_raw_and_raise_once_through_a_checked_view(client, daemon):
+    address = client.virtual_alloc(0, 2 * PAGE)
+    client.virtual_protect(address + PAGE, PAGE, PAGE_READWRITE | PAGE_GUARD)
+    with pytest.raises(GuardPageError):
+        client.view(address + PAGE, 4, write=True)
+    client.view(address + PAGE, 4, write=True)[:] = b"open"  # the guard went with the first touch
+    guarded = client.virtual_alloc(0, PAGE, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE | PAGE_GUARD)
+    assert touch_in_child(daemon.socket, guarded) == -signal.SIGSEGV  # not even its owner's
+
+
+def _owner_of_a_private_page(socket_path, conn):
+    client = shmheap.connect(socket_path, autostart=False)
+    address = client.virtual_alloc(0, PAGE)
+    client.view(address, 4, write=True)[:] = b"mine"
+    handle, _ = client.section_create(PAGE_READWRITE, 64 * 1024, "mapping-test")
+    view = client.section_map(handle, FILE_MAP_READ | 0x2)
+    client.view(view, 7, write=True)[:] = b"section"
+    conn.send((address, view))
+    conn.recv()
+
+
+def test_other_processes_memory_faults_and_read_only_views_refuse_writes(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    owner = spawn.Process(target=_owner_of_a_private_page, args=(daemon.socket, child_end))
+    owner.start()
+    private, section_view = receive(parent_end)
+    try:
+        assert touch_in_child(daemon.socket, private, write=False) == -signal.SIGSEGV
+        with pytest.raises(ShmheapPermissionError) as info:
+            client.view(private, 4)
+        assert info.value.winerror == WinError.ERROR_NOACCESS
+        assert touch_in_child(daemon.socket, section_view, write=False) == -signal.SIGSEGV  # no view of ours
+        handle = client.section_open(FILE_MAP_READ, "mapping-test")
+        mine = client.section_map(handle, FILE_MAP_READ)
+        assert mine == section_view and bytes(client.view(mine, 7)) == b"section"
+        assert client.view(mine, 7).readonly  # FILE_MAP_READ: read only
+        client.section_unmap(mine)
+        client.section_close(handle)
+    finally:
+        parent_end.send("done")
+        owner.join(30)
+    assert owner.exitcode == 0
+
+
+def test_a_forked_child_holds_none_of_its_parents_pages(client):
+    address = client.virtual_alloc(0, PAGE)
+    client.view(address, 4, write=True)[:] = b"mine"
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.disable()
+        ctypes.string_at(address, 1)  # the parent's page: no access here
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+    assert bytes(client.view(address, 4)) == b"mine"  # the parent's own access is untouched
+
+
+def test_a_checked_view_of_memory_it_holds_makes_no_round_trip(client, daemon):
+    address = client.virtual_alloc(0, PAGE)
+    client.view(address, 4, write=True)[:] = b"warm"  # the mapping knows the page now
+    done = []
+    os.kill(daemon.proc.pid, signal.SIGSTOP)  # a round trip now would never come back
+    try:
+        worker = threading.Thread(target=lambda: done.append(bytes(client.view(address, 4))))
+        worker.start()
+        worker.join(10)
+        assert done == [b"warm"], "view() waited on the stopped daemon"
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        worker.join(10)
