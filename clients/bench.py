@@ -11,6 +11,9 @@ Each comparison is printed as medians with the ratio shmheap / baseline:
                       multiprocessing.shared_memory.SharedMemory create + touch + close + unlink.
     heap blocks       HeapAlloc + HeapFree of 64 B and 4 KiB on a private heap versus the
                       stdlib's shared-memory allocator, multiprocessing.heap.BufferWrapper.
+    bytes             a 4-byte win32.write, and a 4-byte win32.view, of committed pages
+                      versus the same slice assignment / slice of a plain memoryview (the
+                      access check is the mapping's: no round trip).
     metadata          Python memory the allocator holds per live 64-byte block (tracemalloc),
                       with a million live blocks, versus BufferWrapper's per live buffer.
 
@@ -219,6 +222,25 @@ def _heap_pair(heap, size):
     def pair():
         win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, size))
     return pair
+
+
+def _byte_rows(n, batches):
+    """A 4-byte write and a 4-byte view through the facade, against a plain memoryview."""
+    address = win32.VirtualAlloc(0, 65536, win32.MEM_COMMIT | win32.MEM_RESERVE, win32.PAGE_READWRITE)
+    plain = memoryview(bytearray(65536))
+    payload = b"abcd"
+
+    def facade_write():
+        win32.write(address + 64, payload)
+
+    def plain_write():
+        plain[64:68] = payload
+
+    rows = {"write4": _compare(_per_op(facade_write, n), _per_op(plain_write, n), batches),
+            "view4": _compare(_per_op(lambda: win32.view(address + 64, 4), n),
+                              _per_op(lambda: plain[64:68], n), batches)}
+    win32.VirtualFree(address, 0, win32.MEM_RELEASE)
+    return rows
 
 
 def _buffer_wrapper_pair(size):
@@ -527,6 +549,8 @@ ROWS = [
     ("alloc64k", "64 KiB alloc+touch+free", "VirtualAlloc/Free vs SharedMemory"),
     ("heap64", "64 B block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
     ("heap4k", "4 KiB block alloc+free", "HeapAlloc/Free vs BufferWrapper"),
+    ("write4", "4 B write", "win32.write vs memoryview[a:b] = "),
+    ("view4", "4 B view", "win32.view vs memoryview[a:b]"),
 ]
 
 
@@ -592,6 +616,7 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
             results[key] = _compare(_per_op(_heap_pair(heap, size), heap_n),
                                     _per_op(_buffer_wrapper_pair(size), heap_n), batches)
         win32.HeapDestroy(heap)
+        results.update(_byte_rows(heap_n, batches))
 
         # Issue 4. The children are started here and waited for by the warm-up batch (their
         # start-up is never timed), and stopped before the daemon is.

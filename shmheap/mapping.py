@@ -34,7 +34,7 @@ _mappings = {}  # (segment name, base) -> Mapping
 
 
 class Mapping(Runs):
-    __slots__ = ("name", "base", "size", "users", "_open")
+    __slots__ = ("name", "base", "size", "users", "last_run")
 
     def __init__(self, name, base, size):
         super().__init__(size >> PAGE_SHIFT, NONE)
@@ -43,7 +43,9 @@ class Mapping(Runs):
         self.base = base
         self.size = size
         self.users = 0
-        self._open = (0, 0, NONE)  # the last run found by `allows`: (start, end, prot)
+        # The last run `allows` found, (start address, end address, prot): a view inside it is
+        # checked with two compares (Client.view reads it directly).
+        self.last_run = (0, 0, NONE)
 
     def apply(self, changes):
         """Make the daemon's access changes true: [[address, length, prot], ...]."""
@@ -51,11 +53,11 @@ class Mapping(Runs):
             segment.protect(address, length, prot)
             first = (address - self.base) >> PAGE_SHIFT
             self.set_pages(first, first + (length >> PAGE_SHIFT), prot)
-        self._open = (0, 0, NONE)
+        self.last_run = (0, 0, NONE)
 
     def allows(self, address, size):
         """What every byte of [address, address+size) allows: WRITE, READ or NONE."""
-        start, end, prot = self._open
+        start, end, prot = self.last_run
         if start <= address and address + size <= end:
             return prot
         if size <= 0 or address < self.base or address + size > self.base + self.size:
@@ -65,7 +67,7 @@ class Mapping(Runs):
         i = bisect_right(self.starts, first) - 1
         stop = self.starts[i + 1] if i + 1 < len(self.starts) else self.pages
         if last <= stop:  # one run holds it all: remember it, so a view nearby costs two compares
-            self._open = (self.base + (self.starts[i] << PAGE_SHIFT), self.base + (stop << PAGE_SHIFT),
+            self.last_run = (self.base + (self.starts[i] << PAGE_SHIFT), self.base + (stop << PAGE_SHIFT),
                           self.values[i])
             return self.values[i]
         return min(prot for _, _, prot in self.runs(first, last))
@@ -74,7 +76,7 @@ class Mapping(Runs):
         """No access to anything (a forked child starts so)."""
         segment.protect(self.base, self.size, NONE)
         self.starts, self.values = [0], [NONE]
-        self._open = (0, 0, NONE)
+        self.last_run = (0, 0, NONE)
 
 
 def acquire(name, base, size):

@@ -185,16 +185,17 @@ def view(address, size, *, write=False):
     """A zero-copy memoryview of committed, accessible pages (read-only for read-only pages).
     Raises ShmheapPermissionError (ERROR_NOACCESS) for reserved, free, no-access or another
     process's pages, and GuardPageError once for PAGE_GUARD pages."""
-    return default_client().view(_ptr(address), _size(size), write=write)
+    return default_client().view(address & _MASK64, size & _MASK64, write=write)
 
 
 def read(address, size):
-    return bytes(view(address, size))
+    return bytes(default_client().view(address & _MASK64, size & _MASK64))
 
 
 def write(address, data):
-    data = memoryview(data).cast("B")
-    view(address, len(data), write=True)[:] = data
+    if type(data) is not bytes:
+        data = memoryview(data).cast("B")
+    default_client().view(address & _MASK64, len(data), write=True)[:] = data
 
 
 def CopyMemory(Destination, Source, Length):

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-ROW_KEYS = ["echo", "pipeline", "alloc64k", "heap64", "heap4k",
+ROW_KEYS = ["echo", "pipeline", "alloc64k", "heap64", "heap4k", "write4", "view4",
             # issue 4: sharing between processes
             "share4k", "pool_oneshot_pickle", "pool_oneshot_shm", "pool_steady_pickle",
             "pool_steady_shm", "share_many",
