@@ -12,7 +12,21 @@ GMEM_DDESHARE / GMEM_SHARE, in which case it lives until some process frees it. 
 may lock, read, write, resize or free any object whose handle it has been given.
 
 Every call returns its Win32 value or raises ShmheapError with the Win32 code.
+Lifetimes across processes: a process *holds* an object it allocated, attached (a received
+SharedBuffer) or locked; it may touch the pages of what it holds and nothing else of the
+global heap (`access_runs`, what its mapping is told). Freeing an object drops the caller's
+holds; if another process still holds it, or a pickled copy is on its way (a *pin*, taken
+when a SharedBuffer is pickled and consumed when it is attached, or lapsed after
+PIN_SECONDS), the object is *doomed*: gone for every Win32 call, but its memory is neither
+reused nor decommitted until the last holder lets go or dies. Each object has a serial
+number, so a pickled buffer whose object is gone is refused, never taken for a newer one at
+the same address.
+
 """
+
+import itertools
+import mmap
+from bisect import bisect_left, bisect_right, insort
 
 from shmheap.constants import GMEM_DDESHARE, GMEM_MODIFY, PAGE_READWRITE
 from shmheap.errors import WinError, raise_for
@@ -31,6 +45,7 @@ MAX_BATCH = 100_000
 # most LARGE_CACHE_SECONDS unused, or until a commit needs the memory (PageTable.reclaim).
 LARGE_CACHE_LIMIT = 256 * 2**20
 LARGE_CACHE_SECONDS = 2.0
+PIN_SECONDS = 60.0  # a pickled SharedBuffer keeps its object this long, waiting to be attached
 
 
 class PageTablePages(PageSource):
@@ -68,12 +83,21 @@ class PageTablePages(PageSource):
 class GlobalMemory:
     def __init__(self, pagetable, memory):
         reserve, commit, _ = heap_layout(GLOBAL_HEAP_INITIAL, 0)
-        source = self.source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
+        source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
+        self.pagetable = pagetable
         self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit,
                          large_cache_limit=LARGE_CACHE_LIMIT)
         self.cached_since = None
         self.table = MoveableTable(self.heap, GLOBAL, stamped=True)
         self.owners = {}  # object (moveable handle or fixed pointer) -> pid; shared ones absent
+        self.holds = {}  # object -> {pid: count}: allocations and attachments
+        self.locks = {}  # object -> {pid: count}: GlobalLock calls not yet unlocked
+        self.pins = {}  # object -> [expiry, ...]: pickled copies not yet attached
+        self.doomed = set()  # freed, but held or pinned still
+        self.serials = {}  # object -> serial number
+        self._serial = itertools.count(1)
+        self.spans = {}  # pid -> {start: [end, count]}: the bytes it may touch
+        self.span_starts = {}  # pid -> sorted starts of its spans
 
     @property
     def live_objects(self):
@@ -81,28 +105,132 @@ class GlobalMemory:
 
     @property
     def shared_objects(self):
-        """Objects no process owns (GMEM_SHARE / GMEM_DDESHARE): they outlive their makers."""
+        """Objects no process owns (GMEM_SHARE / GMEM_DDESHARE, or doomed ones pinned by a
+        pickled copy): they outlive their makers."""
         moveable_with_data = sum(1 for entry in self.table.entries.values() if entry.pointer)
         return self.live_objects - moveable_with_data + len(self.table.entries) - len(self.owners)
+
+    # ---- what each process may touch ------------------------------------------------------
+
+    def _spans_of(self, value, locked):
+        """The bytes a hold on `value` opens: a fixed object's own; a moveable object's pointer
+        slot, and its data while locked."""
+        if value in self.table.entries:
+            slot = value & ADDRESS_MASK
+            pointer = self.table.entries[value].pointer
+            spans = [(slot, slot + 8)]
+            if locked and pointer:
+                spans.append((pointer, pointer + max(self.heap.size(pointer), 1)))
+            return spans
+        return [(value, value + max(self.heap.size(value), 1))]
+
+    def _open(self, pid, spans):
+        mine = self.spans.setdefault(pid, {})
+        starts = self.span_starts.setdefault(pid, [])
+        for start, end in spans:
+            if start in mine:
+                mine[start][1] += 1
+            else:
+                mine[start] = [end, 1]
+                insort(starts, start)
+            self.pagetable.touch(start, end)
+
+    def _close(self, pid, spans):
+        mine = self.spans.get(pid, {})
+        for start, end in spans:
+            held = mine.get(start)
+            if held is None:
+                continue
+            held[1] -= 1
+            if not held[1]:
+                del mine[start]
+                starts = self.span_starts[pid]
+                del starts[bisect_left(starts, start)]
+            self.pagetable.touch(start, end)
+
+    def access_runs(self, pid, start, end):
+        """What `pid` may do with the global heap's pages in [start, end): read and write the
+        pages of what it holds; nothing else. [[address, length, prot], ...] runs."""
+        runs = []
+        mine, starts = self.spans.get(pid, {}), self.span_starts.get(pid, [])
+        i = max(bisect_right(starts, start) - 1, 0)
+        cursor = start
+        while i < len(starts) and starts[i] < end:
+            span_start, span_end = starts[i], mine[starts[i]][0]
+            i += 1
+            lo = max(span_start - span_start % PAGE_SIZE, start)
+            hi = min(-(-span_end // PAGE_SIZE) * PAGE_SIZE, end)
+            if hi <= cursor:
+                continue
+            lo = max(lo, cursor)
+            if lo > cursor:
+                runs.append([cursor, lo - cursor, 0])
+            if runs and runs[-1][2] and runs[-1][0] + runs[-1][1] == lo:
+                runs[-1][1] += hi - lo
+            else:
+                runs.append([lo, hi - lo, mmap.PROT_READ | mmap.PROT_WRITE])
+            cursor = hi
+        if cursor < end:
+            runs.append([cursor, end - cursor, 0])
+        return runs
+
+    # ---- holds -----------------------------------------------------------------------------
+
+    def _hold(self, table, value, pid, locked):
+        counts = table.setdefault(value, {})
+        counts[pid] = counts.get(pid, 0) + 1
+        self._open(pid, self._spans_of(value, locked))
+
+    def _unhold(self, table, value, pid, locked, every=False):
+        counts = table.get(value, {})
+        n = counts.get(pid, 0)
+        for _ in range(n if every else min(n, 1)):
+            self._close(pid, self._spans_of(value, locked))
+        if n and (every or n == 1):
+            del counts[pid]
+        elif n:
+            counts[pid] = n - 1
+        if not counts:
+            table.pop(value, None)
+
+    def _held_by_others(self, value, pid):
+        """Does another process touch the object's data? A fixed object's while it holds it
+        (or a copy is pinned); a moveable object's only while it has it locked: unlocked,
+        its data may move, and only its pointer slot is anyone's to read."""
+        if any(p != pid for p in self.locks.get(value, ())):
+            return True
+        if value in self.table.entries:
+            return False
+        return any(p != pid for p in self.holds.get(value, ())) or bool(self.pins.get(value))
+
+    def _live(self, value):
+        """Raise for an object that is freed, even if it lives on for its holders."""
+        if value in self.doomed:
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{value:#x} was freed")
+
+    def _bury(self, value):
+        """Free a doomed or released object for good once nobody holds or pins it."""
+        if value in self.holds or value in self.locks or self.pins.get(value):
+            return
+        self.doomed.discard(value)
+        self.pins.pop(value, None)
+        self.serials.pop(value, None)
+        self.owners.pop(value, None)
+        self.table.free(value)
+
+    # ---- the calls ---------------------------------------------------------------------------
 
     def alloc(self, pid, flags, size):
         value = self.table.alloc(flags, size)
         if not flags & GMEM_DDESHARE:
             self.owners[value] = pid
-        self._hand_out(value)
+        self.serials[value] = next(self._serial)
+        self._hold(self.holds, value, pid, False)
         return value
 
-    def _hand_out(self, value):
-        """The caller gets a pointer (a fixed object's, or a moveable one's slot): its reply
-        opens the pages to it (PageTable.touch)."""
-        pointer = value & ADDRESS_MASK
-        if self.table.is_block(pointer):
-            self.source.pagetable.touch(pointer, pointer + max(self.heap.size(pointer), 1))
-        else:
-            self.source.pagetable.touch(pointer, pointer + 8)
-
     def alloc_many(self, pid, flags, sizes):
-        """Allocate every size or none: returns the handles, or raises the first failure."""
+        """Allocate every size or none: returns [[handle, serial], ...], or raises the first
+        failure."""
         if len(sizes) > MAX_BATCH:
             raise_for(WinError.ERROR_INVALID_PARAMETER, f"at most {MAX_BATCH} per batch")
         made = []
@@ -113,56 +241,150 @@ class GlobalMemory:
             for handle in made:
                 self.free(pid, handle)
             raise
-        return made
+        return [[handle, self.serials[handle]] for handle in made]
 
     def free(self, pid, handle):
-        self.table.free(handle)
+        """GlobalFree: the caller's holds and locks go; the object goes with them unless
+        another process holds it or a pickled copy is on its way (then it is doomed)."""
+        if handle == 0:
+            return
+        if handle in self.doomed and (self.holds.get(handle, {}).get(pid) or self.locks.get(handle, {}).get(pid)):
+            self._unhold(self.holds, handle, pid, False, every=True)  # a holder lets go
+            self._unhold(self.locks, handle, pid, True, every=True)
+            self._bury(handle)
+            return
+        self._live(handle)
+        if handle not in self.serials:
+            self.table.free(handle)  # not an object: raises with the Win32 code
+            return
+        self._unhold(self.holds, handle, pid, False, every=True)
+        self._unhold(self.locks, handle, pid, True, every=True)
         self.owners.pop(handle, None)
+        if self._held_by_others(handle, pid):
+            self.doomed.add(handle)
+        else:
+            self._bury(handle)
 
     def realloc(self, pid, handle, size, flags):
-        value = self.table.realloc(handle, size, flags)
-        self._hand_out(value)
-        if value != handle:  # a fixed block moved, or became a moveable object
+        """GlobalReAlloc. An object another process holds stays where it is: a change that
+        would move it fails (ERROR_NOT_ENOUGH_MEMORY) rather than pull it from under them."""
+        self._live(handle)
+        held = self.holds.get(handle, {}).get(pid, 0)
+        locked = self.locks.get(handle, {}).get(pid, 0)
+        for _ in range(held):  # the caller's spans close while the object may move ...
+            self._close(pid, self._spans_of(handle, False))
+        for _ in range(locked):
+            self._close(pid, self._spans_of(handle, True))
+        try:
+            value = self.table.realloc(handle, size, flags, pinned=self._held_by_others(handle, pid))
+        except BaseException:
+            self._rekey(pid, handle, handle, 0, held, locked)
+            raise
+        return self._rekey(pid, handle, value, flags, held, locked)  # ... and open where it is
+
+    def _rekey(self, pid, handle, value, flags, held, locked):
+        """After a realloc: the object may be at a new address or have become moveable; its
+        records follow it, and the caller's spans open where it is now."""
+        if value != handle:
+            for table in (self.holds, self.locks, self.pins, self.serials):
+                if handle in table:
+                    table[value] = table.pop(handle)
             owner = self.owners.pop(handle, None)
             if owner is not None:
                 self.owners[value] = owner
         if flags & GMEM_MODIFY and flags & GMEM_DDESHARE:
             self.owners.pop(value, None)  # shared from now on
+        for _ in range(held):
+            self._open(pid, self._spans_of(value, False))
+        for _ in range(locked):
+            self._open(pid, self._spans_of(value, True))
         return value
 
     def size(self, pid, handle):
+        self._live(handle)
         return self.table.size(handle)
 
     def lock(self, pid, handle):
+        self._live(handle)
         pointer = self.table.lock(handle)
-        self._hand_out(pointer)
+        if handle in self.serials:
+            self._hold(self.locks, handle, pid, True)
         return pointer
 
     def unlock(self, pid, handle):
+        if handle in self.doomed:  # freed by another while we held it: we let go now
+            self._unhold(self.locks, handle, pid, True)
+            self._bury(handle)
+            return False
+        if handle in self.serials:  # the caller's lock goes first, whatever the count says
+            self._unhold(self.locks, handle, pid, True)
         return self.table.unlock(handle)
 
     def flags(self, pid, handle):
+        self._live(handle)
         return self.table.flags(handle)
 
     def handle(self, pid, pointer):
-        return self.table.handle(pointer)
+        handle = self.table.handle(pointer)
+        self._live(handle)
+        return handle
 
     def compact(self, pid, min_free=0):
-        """GlobalCompact; `min_free` is only a hint on Windows too, and is not used."""
+        """GlobalCompact; `min_free` is only a hint on Windows too, and is not used. Locked
+        objects (whoever locked them) stay where they are."""
         return self.table.compact()
 
+    def attach(self, pid, pointer, serial):
+        """A process takes a hold on a fixed object it was handed (a SharedBuffer unpickled):
+        it may touch it until it lets go. Refused if the object is gone (or is another by
+        now), or was freed and no pickled copy is on its way."""
+        if self.serials.get(pointer) != serial or pointer in self.table.entries:
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"buffer {pointer:#x} is gone")
+        pins = self.pins.get(pointer)
+        if pins:
+            pins.pop(0)
+        elif pointer in self.doomed:
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"buffer {pointer:#x} was freed")
+        self._hold(self.holds, pointer, pid, False)
+
+    def release(self, pid, pointer, serial):
+        """A process lets go of a fixed object it attached."""
+        if self.serials.get(pointer) != serial or not self.holds.get(pointer, {}).get(pid):
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"no hold on buffer {pointer:#x}")
+        self._unhold(self.holds, pointer, pid, False)
+        if pointer in self.doomed:
+            self._bury(pointer)
+
+    def pin(self, pid, pointer, serial, now):
+        """A SharedBuffer is pickled: keep the object for the copy until it is attached, or
+        for PIN_SECONDS."""
+        if self.serials.get(pointer) != serial or pointer in self.table.entries or (
+                pointer in self.doomed and not self.holds.get(pointer, {}).get(pid)):
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"buffer {pointer:#x} is gone")
+        self.pins.setdefault(pointer, []).append(now + PIN_SECONDS)
+
     def housekeeping(self, now):
-        """Release the large-region cache once it has sat unused long enough. Returns the
-        seconds until it should be called again, or None when there is nothing to watch."""
+        """Let pins lapse, and release the large-region cache once it has sat unused long
+        enough. Returns the seconds until it should be called again, or None."""
+        due = []
+        for value, pins in list(self.pins.items()):
+            pins[:] = [expiry for expiry in pins if expiry > now]
+            if not pins:
+                del self.pins[value]
+                if value in self.doomed:
+                    self._bury(value)
+            else:
+                due.append(min(pins) - now)
         if not self.heap.large_cache:
             self.cached_since = None
-            return None
-        if self.cached_since is None:
-            self.cached_since = now
-        if now - self.cached_since >= LARGE_CACHE_SECONDS:
-            self.release_cache()
-            return None
-        return self.cached_since + LARGE_CACHE_SECONDS - now
+        else:
+            if self.cached_since is None:
+                self.cached_since = now
+            if now - self.cached_since >= LARGE_CACHE_SECONDS:
+                self.release_cache()
+            else:
+                due.append(self.cached_since + LARGE_CACHE_SECONDS - now)
+        return min(due) if due else None
 
     def release_cache(self):
         """Give back the freed large regions kept for reuse (under commit pressure, or when
@@ -171,18 +393,55 @@ class GlobalMemory:
         return self.heap.flush_large_cache()
 
     def release_owner(self, pid):
-        """Free every unshared object of a process that is gone; returns how many."""
+        """A process is gone: its holds and locks go, and so does every unshared object it
+        owned, unless another process holds it or a copy is on its way. Returns how many
+        objects it owned."""
+        for table in (self.holds, self.locks):
+            for value in [v for v, counts in table.items() if pid in counts]:
+                del table[value][pid]
+                if not table[value]:
+                    del table[value]
+                if value in self.doomed:
+                    self._bury(value)
+        self.spans.pop(pid, None)
+        self.span_starts.pop(pid, None)
         mine = [value for value, owner in self.owners.items() if owner == pid]
         for value in mine:
-            self.free(pid, value)
+            del self.owners[value]
+            if value in self.holds or value in self.locks or self.pins.get(value):
+                self.doomed.add(value)
+            else:
+                self._bury(value)
         return len(mine)
 
     def check(self):
-        """The global heap's and the handle table's walks, and: every owned object is live."""
+        """The global heap's and the handle table's walks, and: every object with a record
+        is live, every doomed one is still held or pinned, and each process's spans are
+        exactly what its holds and locks open."""
         self.heap.check()
         self.table.check()
-        dead = [value for value in self.owners
-                if value not in self.table.entries and not self.table.is_block(value)]
-        if dead:
-            raise RuntimeError(f"global memory inconsistent: owners of freed objects {dead[:5]}")
+        problems = []
+        dead = [v for v in self.serials if v not in self.table.entries and not self.table.is_block(v)]
+        if dead:  # (and the walk below would stumble on them)
+            raise RuntimeError(f"global memory inconsistent: records of freed objects {dead[:5]}")
+        for table in (self.owners, self.holds, self.locks, self.pins):
+            if set(table) - set(self.serials):
+                problems.append(f"records of objects with no serial {sorted(set(table) - set(self.serials))[:5]}")
+        if any(not (v in self.holds or v in self.locks or self.pins.get(v)) for v in self.doomed):
+            problems.append("a doomed object nobody holds")
+        if self.doomed & set(self.owners):
+            problems.append("a doomed object has an owner")
+        expected = {}
+        for table, locked in ((self.holds, False), (self.locks, True)):
+            for value, counts in table.items():
+                for pid, n in counts.items():
+                    for start, end in self._spans_of(value, locked):
+                        span = expected.setdefault(pid, {}).setdefault(start, [end, 0])
+                        span[1] += n
+        if expected != {pid: spans for pid, spans in self.spans.items() if spans}:
+            problems.append("the processes' spans differ from their holds")
+        if any(sorted(self.spans.get(pid, {})) != starts for pid, starts in self.span_starts.items()):
+            problems.append("span starts out of order")
+        if problems:
+            raise RuntimeError("global memory inconsistent: " + "; ".join(problems))
         return {"global_objects": self.live_objects}

@@ -40,7 +40,8 @@ class Kernel:
         try:
             self.memory = segment.address_space(self.base + size)  # the global heap's bytes
             self.pagetable = PageTable(self.base, size, Backing(self.shm.fd, self.base), commit_limit,
-                                       process_commit_limit, reclaim=self._reclaim)
+                                       process_commit_limit, reclaim=self._reclaim,
+                                       shared_access=self._shared_access)
             self.heaps = Heaps(self.pagetable)
             self.global_memory = GlobalMemory(self.pagetable, self.memory)
             self.sections = Sections(self.pagetable)
@@ -83,6 +84,9 @@ class Kernel:
             "global_flags": memory.flags,
             "global_handle": memory.handle,
             "global_compact": memory.compact,
+            "global_attach": memory.attach,
+            "global_release": memory.release,
+            "global_pin": lambda pid, pointer, serial: memory.pin(pid, pointer, serial, time.monotonic()),
             "section_create": sections.create,
             "section_open": sections.open,
             "section_map": sections.map,
@@ -133,6 +137,10 @@ class Kernel:
     def housekeeping(self, now):
         """Work due by time; returns the seconds until it is due again, or None."""
         return self.global_memory.housekeeping(now)
+
+    def _shared_access(self, pid, start, end):
+        """What `pid` may touch of the global heap: what it holds (GlobalMemory)."""
+        return self.global_memory.access_runs(pid, start, end)
 
     def _reclaim(self):
         """The page table is short of commit: give back what is kept only as a cache (none

@@ -112,7 +112,8 @@ class Region(Runs):
 
 
 class PageTable:
-    def __init__(self, base, size, backing, commit_limit, process_commit_limit, reclaim=None):
+    def __init__(self, base, size, backing, commit_limit, process_commit_limit, reclaim=None,
+                 shared_access=None):
         self.base = base  # where the segment is mapped
         self.start = base + segment.HEADER_SIZE  # the lowest address a region may have
         self.end = base + size
@@ -129,6 +130,9 @@ class PageTable:
         # Called when a commit would pass the limit: gives back memory kept only as a cache
         # (the global heap's freed large regions); returns the bytes it freed.
         self.reclaim = reclaim or (lambda: 0)
+        # (pid, start, end) -> access runs: what a process may touch in a shared region (the
+        # global heap's: the pages of what it holds). Without it, all committed pages.
+        self.shared_access = shared_access
         # Address ranges whose access may have changed since `take_touched`: what the reply
         # to the current request must bring the caller's mapping up to date on.
         self.touched = []
@@ -332,7 +336,10 @@ class PageTable:
             add(cursor, region.base, 0)
             cursor = max(cursor, region.base)
             stop = min(round_up(region.end, PAGE_SIZE), end)
-            if _visible(region, pid):
+            if region.shared and self.shared_access is not None:
+                for address, length, prot in self.shared_access(pid, cursor, stop):
+                    add(address, address + length, prot)
+            elif _visible(region, pid):
                 writable = region.viewers is None or region.owner == pid or region.viewers[pid]
                 first = (cursor - region.base) // PAGE_SIZE
                 for run_start, run_stop, value in region.runs(first, pages_in(stop - region.base)):
@@ -563,11 +570,11 @@ class PageTable:
                 region.set_pages(start, stop, value & ~PAGE_GUARD)
             self._touch_pages(region, first, last)
             raise_for(WinError.STATUS_GUARD_PAGE_VIOLATION, "guard page touched; guard cleared")
-        if any(not value & PAGE_READABLE for _, _, value in runs):
+        prots = [prot for _, _, prot in self.access_runs(owner, region.base + first * PAGE_SIZE,
+                                                           region.base + last * PAGE_SIZE)]
+        if not all(prots):  # (in the global heap: pages of nothing this process holds)
             raise_for(WinError.ERROR_NOACCESS, "range holds uncommitted or no-access pages")
-        writable = all(value & PAGE_WRITABLE for _, _, value in runs)
-        if region.viewers is not None and region.owner != owner:
-            writable = writable and region.viewers[owner]  # as the process's views allow
+        writable = all(prot & mmap.PROT_WRITE for prot in prots)
         if want_write and not writable:
             raise_for(WinError.ERROR_NOACCESS, "range holds read-only pages")
         return writable

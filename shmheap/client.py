@@ -211,7 +211,7 @@ class Client:
         return self.connection.call("global_alloc", flags, size)
 
     def global_alloc_many(self, flags, sizes):
-        """Many global objects in one round trip, all or none."""
+        """Many global objects in one round trip, all or none: [[handle, serial], ...]."""
         return self.connection.call("global_alloc_many", flags, sizes)
 
     def global_free(self, handle):
@@ -240,6 +240,22 @@ class Client:
     def global_compact(self, min_free=0):
         """Move unlocked moveable objects together; returns the largest free block."""
         return self.connection.call("global_compact", min_free)
+
+    def global_attach(self, pointer, serial):
+        """Hold a fixed global object handed over by another process (a SharedBuffer
+        unpickled): it stays, and this process may touch it, until it lets go."""
+        self.connection.call("global_attach", pointer, serial)
+
+    def global_release(self, pointer, serial, *, later=False):
+        """Let go of a global object this process attached; `later`: with the next call."""
+        if later:
+            self.connection.defer("global_release", pointer, serial)
+        else:
+            self.connection.call("global_release", pointer, serial)
+
+    def global_pin(self, pointer, serial):
+        """Keep a global object for a copy of its SharedBuffer on its way to another process."""
+        self.connection.call("global_pin", pointer, serial)
 
     def section_create(self, protect, size, name=None):
         """A named section (or a handle to the existing one of that name): (handle, existed)."""
@@ -297,8 +313,8 @@ class Client:
         if any(size < 0 for size in sizes):
             raise_for(WinError.ERROR_INVALID_PARAMETER, "sizes must not be negative")
         flags = (GMEM_ZEROINIT if zero else 0) | (GMEM_DDESHARE if keep else 0)
-        addresses = self.global_alloc_many(flags, sizes)
-        return [SharedBuffer(self, address, size, owner=True) for address, size in zip(addresses, sizes)]
+        made = self.global_alloc_many(flags, sizes)
+        return [SharedBuffer(self, address, size, serial) for (address, serial), size in zip(made, sizes)]
 
     def share_array(self, shape, dtype="float64", *, zero=False, keep=False):
         """A SharedBuffer sized for a numpy array of `shape` and `dtype`; returns

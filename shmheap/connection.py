@@ -56,6 +56,9 @@ class Connection:
         self._apply_access = on_access or (lambda changes: None)
         self.info = None  # the daemon's hello reply
         self.closed = False
+        # Requests that need no answer of their own (a hold let go by a finalizer): they go
+        # with the next call, in its write.
+        self.deferred = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         # A reused buffer: a fresh 64 KiB bytes per recv costs an mmap/munmap each time.
@@ -94,11 +97,18 @@ class Connection:
             self.drop()
             raise
 
+    def defer(self, op, *args):
+        """Send (op, args) with the next call; its answer and any error are dropped. Safe
+        from a finalizer: it only appends."""
+        self.deferred.append((op, args))
+
     def call(self, op, *args):
         """One request; returns its result or raises the exception for its Win32 error."""
         with self._lock:
             if self.sock is None:
                 self._open()
+            if self.deferred:
+                return self._with_deferred([(op, args)])[0]
             msgid = next(self._ids)
             (result,) = self._exchange(encode_request(msgid, op, args), (msgid,), False)
             return result
@@ -110,7 +120,19 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
+            if self.deferred:
+                return self._with_deferred(requests, return_exceptions)
             return self._roundtrip(requests, return_exceptions)
+
+    def _with_deferred(self, requests, return_exceptions=False):
+        """Under the lock: the deferred requests, then `requests`, in one write."""
+        deferred, self.deferred = self.deferred, []
+        results = self._roundtrip(deferred + list(requests), True)[len(deferred):]
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, ShmheapError):
+                    raise result
+        return results
 
     def _roundtrip(self, requests, return_exceptions):
         """Under the lock: number, send and await [(op, args), ...] on the open socket."""
@@ -159,7 +181,9 @@ class Connection:
         return self.sock is not None
 
     def drop(self):
-        """Close the socket; the next call opens a new one (unless closed)."""
+        """Close the socket; the next call opens a new one (unless closed). Deferred
+        requests go too: what they let go of went with the connection."""
+        self.deferred = []
         if self.sock is not None:
             self.sock.close()
             self.sock = None

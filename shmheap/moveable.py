@@ -216,8 +216,12 @@ class MoveableTable:
             return pointer
         self._refuse(pointer)
 
-    def realloc(self, handle, size, flags):
+    def realloc(self, handle, size, flags, pinned=False):
+        """`pinned`: another process holds the object, so neither its place nor its size may
+        change (only a moveable object's flags, with MODIFY)."""
         entry = self.entries.get(handle)
+        if pinned and not (entry is not None and flags & GMEM_MODIFY):
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"{handle:#x} is held by another process")
         if entry is None:
             if handle == 0:
                 raise_for(WinError.ERROR_INVALID_HANDLE, "NULL handle")

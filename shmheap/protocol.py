@@ -101,7 +101,7 @@ OPS = {
     "heap_list": (),
     # GlobalAlloc family: each returns the Win32 value; a failure is an error reply.
     "global_alloc": (_u32, _u64),  # flags, size -> handle
-    "global_alloc_many": (_u32, _list_u64),  # flags, sizes: all or none, returns handles
+    "global_alloc_many": (_u32, _list_u64),  # flags, sizes: all or none -> [[handle, serial], ...]
     "global_free": (_u64,),  # -> None
     "global_realloc": (_u64, _u64, _u32),  # handle, size, flags -> handle
     "global_size": (_u64,),
@@ -110,6 +110,10 @@ OPS = {
     "global_flags": (_u64,),
     "global_handle": (_u64,),  # data pointer -> handle
     "global_compact": (_u64,),  # -> largest free block
+    # SharedBuffer lifetimes: pointer, serial (from global_alloc_many)
+    "global_attach": (_u64, _u64),  # take a hold on a buffer handed over (unpickled)
+    "global_release": (_u64, _u64),  # let go of it
+    "global_pin": (_u64, _u64),  # keep it for a pickled copy on its way
     "section_create": (_u32, _u64, _opt_str),  # protect, size, name -> [handle, existed]
     "section_open": (_u32, _str),  # access, name -> handle
     "section_map": (_u64, _u32, _u64, _u64),  # handle, access, offset, size -> address

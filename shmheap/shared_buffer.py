@@ -1,42 +1,54 @@
-"""SharedBuffer: bytes in global memory that every connected process can use, with no copy."""
+"""SharedBuffer: bytes in global memory that every connected process can use, with no copy.
+
+Lifetime, as users of Ray's object store expect: a buffer lives while some process holds it.
+The process that creates it holds it (and owns it: it dies with that process unless made
+with keep=True); a process that unpickles it holds it too, until its SharedBuffer object and
+every view or numpy array over it are gone (then the hold goes with its next call), or until
+it exits. `free()` lets go of this process's hold and frees the buffer for everyone else's
+calls; its memory stays, unmoved and unreused, for the processes still holding it. Pickling
+pins the buffer for the copy on its way (for 60 s), so a buffer a worker creates and returns
+outlives the worker. A pickled buffer whose memory is really gone is refused
+(ShmheapValueError, ERROR_INVALID_HANDLE), never taken for a newer one.
+"""
+
+import ctypes
+import weakref
 
 from .segment import as_array
 
 
 class SharedBuffer:
-    """Bytes in global memory that every connected process can use, with no copy.
+    __slots__ = ("client", "address", "size", "serial", "owner", "__weakref__")
 
-    Pickling sends only (address, size, socket): the receiving process (a pool worker,
-    whatever the start method) reattaches through its own mapping of the segment, with no
-    round trip to the daemon. Ownership: the process that created the buffer owns it; it is
-    freed by `free()` (from any process), or when the owner exits unless made with
-    keep=True. A receiver must not use a buffer after its owner freed it: hand buffers out
-    for as long as the owner keeps them (as a pool does until its results are in)."""
-
-    __slots__ = ("client", "address", "size", "owner", "__weakref__")
-
-    def __init__(self, client, address, size, *, owner=False):
+    def __init__(self, client, address, size, serial, *, owner=True):
         self.client = client
         self.address = address
         self.size = size
+        self.serial = serial  # the object's number: a newer one at this address is another
         self.owner = owner  # made by this process (a received copy is not the owner)
+        if not owner:  # a received copy lets go of its hold when it is gone
+            weakref.finalize(self, client.global_release, address, serial, later=True)
 
     @property
     def handle(self):
         return self.address  # a fixed global object's handle is its address
 
     def view(self):
-        """A writable memoryview of the buffer's bytes (no copy; checked as Client.view)."""
-        return self.client.view(self.address, self.size, write=True)
+        """A writable memoryview of the buffer's bytes (no copy). It keeps this buffer, and
+        so this process's hold on it, alive for as long as it (or an array over it) lives."""
+        self.client.view(self.address, self.size, write=True)  # open, or raise
+        array = (ctypes.c_ubyte * self.size).from_address(self.address)
+        array.buffer = self
+        return memoryview(array).cast("B")
 
     def numpy(self, dtype="uint8", shape=None):
         """A numpy array over the buffer's bytes (no copy). Needs numpy (the `numpy` extra)."""
         return as_array(self.view(), dtype, shape)
 
     def free(self):
-        """GlobalFree: raises ShmheapError if the buffer is no longer live (ShmheapValueError,
-        ERROR_INVALID_HANDLE; for a large one whose region went, ShmheapPermissionError,
-        ERROR_NOACCESS)."""
+        """GlobalFree: this process lets go, and no call can use the buffer any more; its
+        memory goes once no other process holds it. Raises ShmheapError if it was freed
+        already (ShmheapValueError, ERROR_INVALID_HANDLE)."""
         self.client.global_free(self.address)
 
     def __enter__(self):
@@ -47,14 +59,17 @@ class SharedBuffer:
             self.free()
 
     def __reduce__(self):
-        return _reattach, (self.address, self.size, self.client.path)
+        self.client.global_pin(self.address, self.serial)
+        return _reattach, (self.address, self.size, self.serial, self.client.path)
 
     def __repr__(self):
         return f"SharedBuffer(address={self.address:#x}, size={self.size})"
 
 
-def _reattach(address, size, path):
-    """Unpickling a SharedBuffer: map it through this process's client for `path`."""
+def _reattach(address, size, serial, path):
+    """Unpickling a SharedBuffer: hold it through this process's client for `path`."""
     from .client import client_for  # client.py imports this module: resolve at call time
 
-    return SharedBuffer(client_for(path), address, size)
+    client = client_for(path)
+    client.global_attach(address, serial)
+    return SharedBuffer(client, address, size, serial, owner=False)

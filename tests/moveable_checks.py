@@ -71,6 +71,23 @@ class Api:
         """The data pointer stored in a moveable handle's pointer slot (GL-04)."""
         return int.from_bytes(w.read(h & self.address_mask, 8), "little")
 
+    def peek(self, w, h, size, offset=0):
+        """The data of a moveable object, reached as a program must: lock, read, unlock (a
+        process touches global data only while it has it locked)."""
+        p = ok(w, self.fn(w, "Lock"), h)
+        try:
+            return w.read(p + offset, size)
+        finally:
+            self.fn(w, "Unlock")(h)
+
+    def poke(self, w, h, data, offset=0):
+        """Write a moveable object's data: lock, write, unlock."""
+        p = ok(w, self.fn(w, "Lock"), h)
+        try:
+            w.write(p + offset, data)
+        finally:
+            self.fn(w, "Unlock")(h)
+
     def dirty(self, w, size, count=2, byte=0xCC):
         """Leave freed, dirty blocks of `size` in the API's heap so zero-fill checks mean
         something."""
@@ -116,6 +133,12 @@ class Bound:
 
     def dirty(self, size, **kw):
         self.api.dirty(self.w, size, **kw)
+
+    def peek(self, h, size, offset=0):
+        return self.api.peek(self.w, h, size, offset)
+
+    def poke(self, h, data, offset=0):
+        self.api.poke(self.w, h, data, offset)
 
     def data_freed(self, p):
         return self.api.data_freed(self.w, p)

@@ -193,6 +193,7 @@ def test_idle_daemon_stays_up_while_shared_memory_lives(make_daemon):
         daemon.proc.wait(timeout=1.5)  # five idle periods: it stays
     assert "staying up: 1 shared global objects" in daemon.log_text()
     with connect(daemon.socket, autostart=False) as c:
+        c.global_lock(address)  # a process touches global memory it holds
         assert bytes(c.view(address, 4)) == b"kept"
         with pytest.raises(ShmheapValueError):
             c.global_size(mortal.address)  # the unshared one went with its process

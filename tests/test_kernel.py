@@ -82,7 +82,7 @@ def test_the_walkers_find_an_owner_of_a_freed_object(kernel):
     attach(kernel)
     pointer = kernel.ops["global_alloc"](PID, 0, 64)
     kernel.global_memory.table.free(pointer)  # behind the owners' back
-    assert "owners of freed objects" in broken(kernel)
+    assert "records of freed objects" in broken(kernel)
 
 
 def test_the_walkers_find_a_corrupted_handle_slot(kernel):

@@ -2,6 +2,7 @@
 producer dies, batch allocation, zero-copy numpy views."""
 
 import concurrent.futures
+import gc
 import multiprocessing
 import os
 import pickle
@@ -13,7 +14,7 @@ import shmheap
 from shmheap.errors import ShmheapMemoryError, WinError
 from shmheap_clients import pool as pool_program
 
-from conftest import wait_until
+from conftest import receive, wait_until
 
 
 def total(buffer):
@@ -142,3 +143,94 @@ def test_kept_pages_give_way_to_a_commit_that_needs_them(make_daemon):
         address = c.virtual_alloc(0, 16 << 20, 0x3000, 0x04)  # needs them back
         assert c.virtual_query(address).State == 0x1000
         c.check()
+
+
+# ---- lifetimes across processes ----------------------------------------------------------
+
+spawn = multiprocessing.get_context("spawn")
+
+
+def _make_and_return(socket_path, conn):
+    with shmheap.connect(socket_path, autostart=False) as c:
+        buffer = c.share(4096)
+        buffer.view()[:10] = b"from child"
+        conn.send(pickle.dumps(buffer))  # pickling pins it for the copy on its way
+    # and the worker is gone before the parent has looked
+
+
+def test_a_buffer_a_worker_returns_outlives_the_worker(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_make_and_return, args=(daemon.socket, child_end))
+    child.start()
+    data = receive(parent_end)
+    child.join(30)
+    assert child.exitcode == 0
+    wait_until(lambda: child.pid not in [p["pid"] for p in client.status()["processes"]],
+               what="the daemon to see the worker gone")
+    buffer = pickle.loads(data)
+    assert bytes(buffer.view()[:10]) == b"from child"
+    buffer.free()
+    client.check()
+
+
+def _hold_until_told(socket_path, data, conn):
+    buffer = pickle.loads(data)  # a hold of this process
+    view = buffer.view()
+    conn.send("holding")
+    conn.recv()  # meanwhile its creator frees it and allocates more
+    conn.send(bytes(view[:8]))
+    conn.recv()
+    client = buffer.client
+    del view, buffer
+    gc.collect()
+    client.echo(0)  # the release goes with the next call
+    conn.send("released")
+    conn.recv()
+
+
+def test_a_buffer_freed_by_its_creator_lives_for_its_holders(daemon, client):
+    buffer = client.share(4096)
+    buffer.view()[:8] = b"original"
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_hold_until_told, args=(daemon.socket, pickle.dumps(buffer), child_end))
+    child.start()
+    try:
+        assert receive(parent_end) == "holding"
+        buffer.free()
+        with pytest.raises(shmheap.ShmheapValueError) as info:
+            client.global_size(buffer.address)  # gone for every call ...
+        assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
+        others = client.share_many([4096] * 64)  # ... but its memory is not handed out again
+        assert buffer.address not in {other.address for other in others}
+        for other in others:
+            other.view()[:8] = b"newer!!!"
+        parent_end.send("read")
+        assert receive(parent_end) == b"original"  # the holder still sees its bytes
+        assert client.status()["global_objects"] == 65
+        parent_end.send("let go")
+        assert receive(parent_end) == "released"
+        assert client.status()["global_objects"] == 64  # with the last holder it went
+        client.free_many(others)
+    finally:
+        parent_end.send("done")
+        child.join(30)
+    assert child.exitcode == 0
+    client.check()
+
+
+def test_a_stale_pickled_buffer_is_refused_never_aliased(daemon, client):
+    buffer = client.share(64)
+    data = pickle.dumps(buffer)
+    copy = pickle.loads(data)  # attached (the pin is used up), then let go
+    del copy
+    gc.collect()
+    client.echo(0)
+    buffer.free()
+    with pytest.raises(shmheap.ShmheapValueError) as info:
+        pickle.loads(data)  # its object is gone
+    assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
+    newer = [client.share(64) for _ in range(64)]  # one of them may well take its address
+    with pytest.raises(shmheap.ShmheapValueError):
+        pickle.loads(data)  # never taken for a newer object at the same address
+    client.free_many(newer)
+    client.check()

@@ -59,6 +59,16 @@ expect_size, expect_flags = GLOBAL.expect_size, GLOBAL.expect_flags
 lock_count, slot = GLOBAL.lock_count, GLOBAL.slot  # the slot is the handle without its stamp
 
 
+def peek(w, h, size):
+    """An object's data, reached as a program must: lock, read, unlock (a process touches
+    global memory only while it holds it; an unlocked moveable object's data may move)."""
+    pointer = ok(w, w.GlobalLock, h)
+    try:
+        return w.read(pointer, size)
+    finally:
+        w.GlobalUnlock(h)
+
+
 def moveable_with(w, data, flags=GMEM_MOVEABLE):
     """A moveable object holding `data`, unlocked."""
     h = ok(w, w.GlobalAlloc, flags, len(data))
@@ -291,15 +301,16 @@ def test_lock_counts_and_flags_are_the_same_in_every_process(win32, peers):
     # A locked object cannot be discarded, whoever holds the lock.
     result, error = call(win32, win32.GlobalDiscard, h)
     assert result == 0 and error != SENTINEL
-    for _ in range(3):
+    for _ in range(2):
         peer.call("GlobalUnlock", h)
+    win32.GlobalUnlock(h)  # each process lets go of its own locks: its pointer holds the data
     assert lock_count(win32, h) == 0
     # Flags changed by one process are seen by the other.
     assert peer.ok("GlobalReAlloc", h, 0, GMEM_MODIFY | GMEM_DISCARDABLE) == h
     assert expect_flags(win32, h) == GMEM_DISCARDABLE
     assert peer.ok("GlobalReAlloc", h, 4096, GMEM_MOVEABLE) == h
     assert expect_size(win32, h) == 4096
-    assert win32.read(slot(win32, h), 16) == b"shared state...."
+    assert peek(win32, h, 16) == b"shared state...."
     assert peer.ok("GlobalDiscard", h) == h
     assert expect_flags(win32, h) == GMEM_DISCARDABLE | GMEM_DISCARDED
     expect(win32, win32.GlobalLock, h, result=0, error=ERROR_DISCARDED)
@@ -338,14 +349,15 @@ def test_stale_and_garbage_handles_in_another_process_touch_no_live_data(win32, 
     peer.call("write", peer.ok("GlobalLock", newer), b"peer's new thing")
     _check_invalid_moveable_handle(_local_expect(win32), stale)
     assert expect_flags(win32, newer) == 1
-    assert win32.read(slot(win32, newer), 16) == b"peer's new thing"
+    assert peek(win32, newer, 16) == b"peer's new thing"
 
     # The live objects are untouched.
     assert slot(win32, live) == live_pointer
     assert expect_flags(win32, live) == 0
     assert expect_size(win32, live) == 256
-    assert win32.read(live_pointer, 256) == pattern(256, seed=3)
-    assert peer.ok("read", live_pointer, 256) == pattern(256, seed=3)
+    assert peek(win32, live, 256) == pattern(256, seed=3)
+    assert peer.ok("read", peer.ok("GlobalLock", live), 256) == pattern(256, seed=3)
+    peer.call("GlobalUnlock", live)
     assert expect_size(win32, fixed) == 256
     assert win32.read(fixed, 256) == pattern(256, seed=5)
 
@@ -387,7 +399,7 @@ def test_objects_of_a_killed_process_are_reclaimed_unless_shared(win32, peers, d
     assert win32.read(ok(win32, win32.GlobalLock, shared), 300) == pattern(300, seed=9)
     expect(win32, win32.GlobalUnlock, shared, result=False, error=ERROR_SUCCESS)
     assert expect_size(win32, shared_fixed) == 200
-    assert win32.read(shared_fixed, 200) == pattern(200, seed=11)
+    assert peek(win32, shared_fixed, 200) == pattern(200, seed=11)
     assert f"pid {pid} gone: released 2 global objects" in daemon.log_text()
     # Some other process frees them.
     expect(win32, win32.GlobalFree, shared, result=0)
@@ -414,7 +426,7 @@ def test_ownership_follows_an_object_through_realloc(win32, peers):
     wait_until(lambda: _invalid_in(win32, relocated, win32.GlobalSize), 20,
                what="the relocated object to be freed")
     assert expect_size(win32, kept) == 800
-    assert win32.read(slot(win32, kept), 7) == b"keep me"
+    assert peek(win32, kept, 7) == b"keep me"
 
 
 def _pointers(w, handles):
@@ -472,7 +484,7 @@ def test_global_compact_moves_unlocked_moveable_objects_only(win32, peers, size,
     for i, (h, pointer) in enumerate(zip(handles, after)):
         assert slot(win32, h) == pointer
         assert expect_size(win32, h) == size
-        assert win32.read(pointer, size) == pattern(size, seed=i), f"object {i} lost its contents"
+        assert peek(win32, h, size) == pattern(size, seed=i), f"object {i} lost its contents"
     # The other process finds the moved objects through the same handles.
     for h, pointer in zip(handles, after):
         assert peer.ok("GlobalLock", h) == pointer

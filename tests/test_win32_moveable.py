@@ -278,14 +278,14 @@ def test_gl35_unlocked_moveable_block_may_move(win32, m, moveable):
     flags = m.MOVEABLE if moveable else 0
     h = ok(win32, m.Alloc, m.MOVEABLE, 12)
     p = m.slot(h)
-    win32.write(p, b"twelve bytes")
+    m.poke(h, b"twelve bytes")
     assert ok(win32, m.ReAlloc, h, 512, flags) == h
     q = m.slot(h)
     assert q != p and m.size(h) == 512
-    assert win32.read(q, 12) == b"twelve bytes"
+    assert m.peek(h, 12) == b"twelve bytes"
     assert ok(win32, m.ReAlloc, h, 10, flags) == h
     assert m.slot(h) == q and m.size(h) == 10
-    assert win32.read(q, 10) == b"twelve byt"
+    assert m.peek(h, 10) == b"twelve byt"
 
 
 def test_gl36_zero_size_moveable_realloc_discards(win32, m):
@@ -299,7 +299,7 @@ def test_gl36_zero_size_moveable_realloc_discards(win32, m):
     assert m.data_freed(p)  # the data block went back to the heap
     h2 = ok(win32, m.Alloc, m.MOVEABLE, 64)
     q = m.slot(h2)
-    win32.write(q, b"x" * 64)
+    m.poke(h2, b"x" * 64)
     result, error = call(win32, m.ReAlloc, h2, 0, 0)
     assert result == 0 and error != SENTINEL
     assert m.slot(h2) == q and m.size(h2) == 64
@@ -311,16 +311,14 @@ def test_gl36_zero_size_moveable_realloc_discards(win32, m):
 def test_gl37_moveable_zeroinit_growth(win32, m):
     m.dirty(200000)
     h = ok(win32, m.Alloc, m.MOVEABLE | m.ZEROINIT, 100000)
-    p = m.slot(h)
-    assert win32.read(p, 100000) == bytes(100000)
+    assert m.peek(h, 100000) == bytes(100000)
     data = pattern(100000)
-    win32.write(p, data)
+    m.poke(h, data)
     m.dirty(200000)
     assert ok(win32, m.ReAlloc, h, 200000, m.MOVEABLE | m.ZEROINIT) == h
     assert m.size(h) >= 200000
-    q = m.slot(h)
-    assert win32.read(q, 100000) == data
-    assert win32.read(q + 100000, 100000) == bytes(100000)
+    assert m.peek(h, 100000) == data
+    assert m.peek(h, 100000, offset=100000) == bytes(100000)
 
 
 def test_gl38_handle_of_locked_pointer_and_plain_heap_block(win32, m):
