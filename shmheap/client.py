@@ -368,7 +368,7 @@ class Client:
 
 # ---- the default client --------------------------------------------------------------------
 
-_default = None
+current = None
 _default_lock = threading.Lock()
 _by_path = {}  # socket path -> a client opened for buffers received from that daemon
 
@@ -376,28 +376,28 @@ _by_path = {}  # socket path -> a client opened for buffers received from that d
 def default_client():
     """The client the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart),
     and connected again after fork or a lost connection (but not to a new daemon)."""
-    global _default
-    client = _default
+    global current
+    client = current
     if client is not None and client.process_heap is not None:  # None once the connection went
         return client
     with _default_lock:
-        if _default is None or _default.closed:
-            _default = connect()
-        return _default.ensure_connected()
+        if current is None or current.closed:
+            current = connect()
+        return current.ensure_connected()
 
 
 def close_default():
-    global _default
+    global current
     with _default_lock:
-        if _default is not None:
-            _default.close()
-            _default = None
+        if current is not None:
+            current.close()
+            current = None
 
 
 def client_for(path):
     """A client of this process for the daemon on `path`: the default one if it is that
     daemon's, else one opened (without autostart) and kept for later calls."""
-    client = _default
+    client = current
     if client is not None and client.path == path and not client.closed:
         return client
     client = _by_path.get(path)

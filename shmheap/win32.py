@@ -27,9 +27,11 @@ import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from . import client as client_module
 from .client import default_client
 from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .mapping import WRITE
 from .moveable import MoveableTable
 
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
@@ -181,18 +183,33 @@ def GlobalMemoryStatusEx():
 
 # ---- bytes (non-Win32 helpers and the RtlMoveMemory family) ---------------------------------
 
+# view and write are the byte-level hot path: they check the last run the mapping opened
+# inline (Client.view's first lines, without its call), and take Client.view otherwise.
+
 def view(address, size, *, write=False):
     """A zero-copy memoryview of committed, accessible pages (read-only for read-only pages).
     Raises ShmheapPermissionError (ERROR_NOACCESS) for reserved, free, no-access or another
     process's pages, and GuardPageError once for PAGE_GUARD pages."""
+    client = client_module.current
+    if client is not None and client.process_heap is not None:
+        start, end, allowed = client.mapping.last_run
+        if start <= address and address + size <= end and (allowed == WRITE or allowed and not write):
+            bytes_there = client.memory[address:address + size]
+            return bytes_there if allowed == WRITE else bytes_there.toreadonly()
     return default_client().view(address & _MASK64, size & _MASK64, write=write)
 
 
 def read(address, size):
-    return bytes(default_client().view(address & _MASK64, size & _MASK64))
+    return bytes(view(address, size))
 
 
 def write(address, data):
+    client = client_module.current
+    if client is not None and client.process_heap is not None and type(data) is bytes:
+        start, end, allowed = client.mapping.last_run
+        if allowed == WRITE and start <= address and address + len(data) <= end:
+            client.memory[address:address + len(data)] = data
+            return
     if type(data) is not bytes:
         data = memoryview(data).cast("B")
     default_client().view(address & _MASK64, len(data), write=True)[:] = data
@@ -642,4 +659,4 @@ def CloseHandle(hObject):
 # `from shmheap.win32 import *` brings the Win32 names only: constants, error codes, structs
 # and calls, not this module's imports.
 __all__ = sorted({"WinError"} | {name for name, value in globals().items() if not name.startswith("_") and (
-    name.isupper() or getattr(value, "__module__", None) == __name__)} - {"MIN_ADDRESS"})
+    name.isupper() or getattr(value, "__module__", None) == __name__)} - {"WRITE"})
