@@ -93,6 +93,7 @@ class GlobalMemory:
         self.holds = {}  # object -> {pid: count}: allocations and attachments
         self.locks = {}  # object -> {pid: count}: GlobalLock calls not yet unlocked
         self.pins = {}  # object -> [expiry, ...]: pickled copies not yet attached
+        self.pin_deadline = float("inf")  # no pin lapses before this
         self.doomed = set()  # freed, but held or pinned still
         self.serials = {}  # object -> serial number
         self._serial = itertools.count(1)
@@ -170,6 +171,9 @@ class GlobalMemory:
             else:
                 runs.append([lo, hi - lo, mmap.PROT_READ | mmap.PROT_WRITE])
             cursor = hi
+            # Skip the spans on pages already open: all that start before `hi` end before it
+            # but the last (spans are disjoint), which may run on.
+            i = max(i, bisect_left(starts, hi) - 1)
         if cursor < end:
             runs.append([cursor, end - cursor, 0])
         return runs
@@ -260,6 +264,11 @@ class GlobalMemory:
         self._unhold(self.holds, handle, pid, False, every=True)
         self._unhold(self.locks, handle, pid, True, every=True)
         self.owners.pop(handle, None)
+        if handle in self.table.entries:
+            # A moveable object's other holders hold only its pointer slot, in a table page
+            # that is never given back: they let go of it with the object.
+            for other in list(self.holds.get(handle, ())):
+                self._unhold(self.holds, handle, other, False, every=True)
         if self._held_by_others(handle, pid):
             self.doomed.add(handle)
         else:
@@ -316,7 +325,11 @@ class GlobalMemory:
             self._unhold(self.locks, handle, pid, True)
             self._bury(handle)
             return False
-        if handle in self.serials:  # the caller's lock goes first, whatever the count says
+        if handle in self.table.entries and not self.locks.get(handle, {}).get(pid):
+            # A process lets go of its own locks only: another's lock keeps the data where its
+            # pointer is (on Windows every lock is the one process's own).
+            raise_for(WinError.ERROR_NOT_LOCKED, f"this process has no lock on {handle:#x}")
+        if handle in self.serials:
             self._unhold(self.locks, handle, pid, True)
         return self.table.unlock(handle)
 
@@ -332,7 +345,7 @@ class GlobalMemory:
     def compact(self, pid, min_free=0):
         """GlobalCompact; `min_free` is only a hint on Windows too, and is not used. Locked
         objects (whoever locked them) stay where they are."""
-        return self.table.compact()
+        return self.table.compact(keep=self.locks)
 
     def attach(self, pid, pointer, serial):
         """A process takes a hold on a fixed object it was handed (a SharedBuffer unpickled):
@@ -362,19 +375,20 @@ class GlobalMemory:
                 pointer in self.doomed and not self.holds.get(pointer, {}).get(pid)):
             raise_for(WinError.ERROR_INVALID_HANDLE, f"buffer {pointer:#x} is gone")
         self.pins.setdefault(pointer, []).append(now + PIN_SECONDS)
+        self.pin_deadline = min(self.pin_deadline, now + PIN_SECONDS)
 
     def housekeeping(self, now):
         """Let pins lapse, and release the large-region cache once it has sat unused long
         enough. Returns the seconds until it should be called again, or None."""
-        due = []
-        for value, pins in list(self.pins.items()):
-            pins[:] = [expiry for expiry in pins if expiry > now]
-            if not pins:
-                del self.pins[value]
-                if value in self.doomed:
-                    self._bury(value)
-            else:
-                due.append(min(pins) - now)
+        if now >= self.pin_deadline:  # some pin lapses: walk them (not on every loop)
+            for value, pins in list(self.pins.items()):
+                pins[:] = [expiry for expiry in pins if expiry > now]
+                if not pins:
+                    del self.pins[value]
+                    if value in self.doomed:
+                        self._bury(value)
+            self.pin_deadline = min((min(pins) for pins in self.pins.values()), default=float("inf"))
+        due = [self.pin_deadline - now] if self.pins else []
         if not self.heap.large_cache:
             self.cached_since = None
         else:

@@ -103,8 +103,11 @@ class Kernel:
     # ---- processes -----------------------------------------------------------------------
 
     def attach(self, session):
-        """A connection said hello: its process now exists for every service."""
+        """A connection said hello: its process now exists for every service, and the reply
+        tells its mapping everything it may touch (a client reconnecting after a loss
+        starts from the truth, not from what it was told before)."""
         self.sessions.attach(session)
+        self.pagetable.touch(self.pagetable.base, self.pagetable.end)
 
     def detach(self, session):
         """A connection closed; the last of a process's takes everything it held with it."""

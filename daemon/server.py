@@ -167,7 +167,12 @@ class Server:
             log.exception("handler %s failed for pid %d", op, session.pid)
             error, result = WinError.ERROR_GEN_FAILURE, f"internal error in {op}"
         # Success or not, the caller's mapping learns what the request changed for it.
-        return encode_reply(msgid, error, result, self.kernel.access_changes(session.pid))
+        try:
+            access = self.kernel.access_changes(session.pid)
+        except Exception:
+            log.exception("access changes failed after %s for pid %d", op, session.pid)
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, "internal error: access unknown")
+        return encode_reply(msgid, error, result, access)
 
     def _hello(self, session, version, client_info):
         if version != PROTOCOL_VERSION:

@@ -105,7 +105,10 @@ class Client:
     def _on_drop(self):
         # The connection went: the daemon released its heaps (loss, close), or they are the
         # parent's (fork). Their copies here must never carve those pages again; the next
-        # connection brings a process heap of its own.
+        # connection brings a process heap of its own. If no other client of this process
+        # shares the mapping, the process holds nothing there any more: close it all.
+        if self.mapping is not None and self.mapping.users == 1:
+            self.mapping.close_all()
         self.heaps = {}
         self.process_heap = None
         self.local_objects = None

@@ -281,13 +281,13 @@ class MoveableTable:
     def discard(self, handle):
         return self.realloc(handle, 0, GMEM_MOVEABLE)
 
-    def compact(self):
+    def compact(self, keep=()):
         """Move every unlocked moveable object as low as the heap allows (GlobalCompact), so
-        free space coalesces; contents are copied, handles stay. Returns the largest free
-        range after the heap gave unused pages back."""
+        free space coalesces; contents are copied, handles stay; those in `keep` stay too.
+        Returns the largest free range after the heap gave unused pages back."""
         heap = self.heap
         for handle, entry in sorted(self.entries.items(), key=lambda item: item[1].pointer):
-            if entry.locks or not entry.pointer:
+            if entry.locks or not entry.pointer or handle in keep:
                 continue
             size = heap.size(entry.pointer)
             new = heap.alloc_below(size, entry.pointer)

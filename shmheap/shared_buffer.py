@@ -2,9 +2,9 @@
 
 Lifetime, as users of Ray's object store expect: a buffer lives while some process holds it.
 The process that creates it holds it (and owns it: it dies with that process unless made
-with keep=True); a process that unpickles it holds it too, until its SharedBuffer object and
-every view or numpy array over it are gone (then the hold goes with its next call), or until
-it exits. `free()` lets go of this process's hold and frees the buffer for everyone else's
+with keep=True); a process that unpickles it holds it too. A process's hold lasts until its
+SharedBuffer object and every view or numpy array over it are gone (then the hold goes with
+its next call), or until it exits. `free()` lets go of this process's hold and frees the buffer for everyone else's
 calls; its memory stays, unmoved and unreused, for the processes still holding it. Pickling
 pins the buffer for the copy on its way (for 60 s), so a buffer a worker creates and returns
 outlives the worker. A pickled buffer whose memory is really gone is refused
@@ -26,8 +26,9 @@ class SharedBuffer:
         self.size = size
         self.serial = serial  # the object's number: a newer one at this address is another
         self.owner = owner  # made by this process (a received copy is not the owner)
-        if not owner:  # a received copy lets go of its hold when it is gone
-            weakref.finalize(self, client.global_release, address, serial, later=True)
+        # This process's hold goes with the object (and every view over it): with its next
+        # call. The creator's object stays allocated, owned, until freed or its process exits.
+        weakref.finalize(self, client.global_release, address, serial, later=True)
 
     @property
     def handle(self):

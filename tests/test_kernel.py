@@ -117,3 +117,36 @@ def test_housekeeping_releases_an_unused_cache(kernel):
     assert kernel.housekeeping(100.0 + LARGE_CACHE_SECONDS) is None
     assert kernel.pagetable.committed <= committed - 4 * MiB
     kernel.check()
+
+
+def test_a_process_unlocks_only_its_own_locks_and_compaction_keeps_them(kernel):
+    ops = kernel.ops
+    attach(kernel, PID)
+    attach(kernel, PID + 1)
+    fillers = [ops["global_alloc"](PID, 0, 64) for _ in range(8)]
+    handle, unlocked = ops["global_alloc"](PID, GMEM_MOVEABLE, 64), ops["global_alloc"](PID, GMEM_MOVEABLE, 64)
+    pointer = ops["global_lock"](PID, handle)
+    with pytest.raises(ShmheapError) as info:
+        ops["global_unlock"](PID + 1, handle)  # not its lock to let go of
+    assert info.value.winerror == WinError.ERROR_NOT_LOCKED
+    moved_from = ops["global_lock"](PID, unlocked)
+    ops["global_unlock"](PID, unlocked)
+    for filler in fillers:
+        ops["global_free"](PID, filler)  # room below for compaction to move them into
+    ops["global_compact"](PID + 1, 0)
+    assert ops["global_lock"](PID, unlocked) < moved_from  # the unlocked one moved down
+    assert ops["global_lock"](PID, handle) == pointer  # the locked one stayed for its holder
+    kernel.check()
+
+
+def test_freeing_another_process_s_unlocked_moveable_object_frees_it(kernel):
+    ops = kernel.ops
+    attach(kernel, PID)
+    attach(kernel, PID + 1)
+    handle = ops["global_alloc"](PID, GMEM_MOVEABLE, 64)
+    ops["global_free"](PID + 1, handle)
+    for op in ("global_size", "global_free"):
+        with pytest.raises(ShmheapError) as info:
+            ops[op](PID, handle)  # gone for everyone (GL-17: a second free fails)
+        assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
+    assert kernel.check()["global_objects"] == 0

@@ -144,3 +144,28 @@ def test_a_checked_view_of_memory_it_holds_makes_no_round_trip(client, daemon):
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
         worker.join(10)
+
+
+def _stale_after_a_lost_connection(socket_path, conn):
+    client = shmheap.connect(socket_path, autostart=False)
+    address = client.virtual_alloc(0, 8 * MiB)
+    view = client.view(address, 8 * MiB, write=True)
+    view[::PAGE] = b"x" * (8 * MiB // PAGE)
+    with pytest.raises(shmheap.ProtocolError):
+        client.echo(b"x" * (2 << 20))  # past the frame limit: the daemon drops us, and frees it all
+    client.echo(0)  # reconnected: the hello's reply carries everything this process may touch
+    conn.send("dropped")
+    faulthandler.enable()
+    view[::PAGE] = b"y" * (8 * MiB // PAGE)
+    conn.send("survived")
+
+
+def test_a_lost_connection_takes_the_access_with_it(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_stale_after_a_lost_connection, args=(daemon.socket, child_end))
+    child.start()
+    assert receive(parent_end) == "dropped"
+    child.join(30)
+    assert child.exitcode == -signal.SIGSEGV
+    assert daemon.resident_bytes() == client.status()["committed"] + HEADER_RESIDENT
+    client.check()
