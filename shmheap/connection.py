@@ -143,6 +143,7 @@ class Connection:
     def _exchange(self, payload, ids, return_exceptions):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
         replies = {}
+        access = []  # the exchange's access changes, in order, applied once all replies are in
         send_error = None
         try:
             try:
@@ -155,11 +156,11 @@ class Connection:
                     why = f" ({send_error})" if send_error else ""
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"the daemon closed the connection{why}")
                 for frame in self._decoder.feed(self._buffer_view[:received]):
-                    msgid, error, result, access = parse_reply(frame)
+                    msgid, error, result, changes = parse_reply(frame)
                     if msgid == 0 and error:  # refused before any request (foreign uid)
                         raise_for(error, result)
-                    if access:
-                        self._apply_access(access)
+                    if changes:
+                        access += changes
                     if error:
                         result = error_for(error, result if isinstance(result, str) else None)
                     replies[msgid] = result
@@ -169,6 +170,8 @@ class Connection:
         except OSError as exc:
             self.drop()
             raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+        if access:
+            self._apply_access(access)
         results = [replies[msgid] for msgid in ids]
         if not return_exceptions:
             for result in results:

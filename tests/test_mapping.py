@@ -17,12 +17,19 @@ from shmheap.constants import (FILE_MAP_READ, MEM_COMMIT, MEM_DECOMMIT, MEM_RELE
                                PAGE_GUARD, PAGE_READONLY, PAGE_READWRITE)
 from shmheap.errors import GuardPageError, ShmheapPermissionError, WinError
 
-from conftest import receive, touch_in_child
+from conftest import receive, touch_in_child, wait_until
 
 MiB = 2**20
 PAGE = 4096
 HEADER_RESIDENT = PAGE  # the segment's header page is in tmpfs, and no commit of anyone's
 spawn = multiprocessing.get_context("spawn")
+
+
+def assert_commit_exact(daemon, client, gone_pid):
+    """Once the daemon has seen `gone_pid` go: tmpfs holds exactly what the daemon counts."""
+    wait_until(lambda: gone_pid not in [p["pid"] for p in client.status()["processes"]],
+               what="the daemon to see the child gone")
+    assert daemon.resident_bytes() == client.status()["committed"] + HEADER_RESIDENT
 
 
 def _stale_write(socket_path, what, conn):
@@ -55,8 +62,7 @@ def test_a_view_kept_past_its_pages_faults_and_commit_stays_exact(daemon, client
     assert child.exitcode == -signal.SIGSEGV, "a write through a stale view did not fault"
     if what == "protect":
         assert committed >= 16 * MiB  # still committed, only read-only
-    status = client.status()
-    assert daemon.resident_bytes() == status["committed"] + HEADER_RESIDENT
+    assert_commit_exact(daemon, client, child.pid)
     client.check()
 
 
@@ -167,5 +173,5 @@ def test_a_lost_connection_takes_the_access_with_it(daemon, client):
     assert receive(parent_end) == "dropped"
     child.join(30)
     assert child.exitcode == -signal.SIGSEGV
-    assert daemon.resident_bytes() == client.status()["committed"] + HEADER_RESIDENT
+    assert_commit_exact(daemon, client, child.pid)
     client.check()
