@@ -476,7 +476,12 @@ class Heap:
         elif address in self.large:
             kept = _large_pages(self.large.pop(address))
             if kept <= self.large_cache_limit:
-                self.flush_large_cache()  # keep the latest only: bounded, and the likeliest reused
+                # Keep the latest few, within the limit: a buffer is often freed while the next
+                # is in use (a worker still holds the last one), so two take turns.
+                while self.large_cache and sum(self.large_cache.values()) + kept > self.large_cache_limit:
+                    oldest = next(iter(self.large_cache))
+                    del self.large_cache[oldest]
+                    self.source.release(oldest)
                 self.large_cache[address] = kept
             else:
                 self.source.release(address)
