@@ -310,7 +310,7 @@ class GlobalMemory:
         return value
 
     def size(self, pid, handle):
-        self._live(handle)
+        self._live(self.table.by_pointer.get(handle, handle))  # (GL-23: a data pointer will do)
         return self.table.size(handle)
 
     def lock(self, pid, handle):
@@ -321,8 +321,10 @@ class GlobalMemory:
         return pointer
 
     def unlock(self, pid, handle):
-        if handle in self.doomed:  # freed by another while we held it: we let go now
-            self._unhold(self.locks, handle, pid, True)
+        if handle in self.doomed:
+            if not self.locks.get(handle, {}).get(pid):
+                raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} was freed")  # GL-18
+            self._unhold(self.locks, handle, pid, True)  # freed by another while we held it
             self._bury(handle)
             return False
         if handle in self.table.entries and not self.locks.get(handle, {}).get(pid):

@@ -150,3 +150,20 @@ def test_freeing_another_process_s_unlocked_moveable_object_frees_it(kernel):
             ops[op](PID, handle)  # gone for everyone (GL-17: a second free fails)
         assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
     assert kernel.check()["global_objects"] == 0
+
+
+def test_a_freed_object_held_by_another_is_gone_for_every_call_but_its_holder_s_unlock(kernel):
+    ops = kernel.ops
+    attach(kernel, PID)
+    attach(kernel, PID + 1)
+    handle = ops["global_alloc"](PID, GMEM_MOVEABLE, 64)
+    pointer = ops["global_lock"](PID + 1, handle)
+    ops["global_free"](PID, handle)  # doomed: the other process has it locked
+    for op, value in (("global_size", handle), ("global_size", pointer), ("global_flags", handle),
+                      ("global_unlock", handle)):  # (GL-18: the facade makes the last TRUE)
+        with pytest.raises(ShmheapError) as info:
+            ops[op](PID, value)
+        assert info.value.winerror == WinError.ERROR_INVALID_HANDLE, op
+    assert kernel.check()["global_objects"] == 1  # its memory stays for the holder
+    assert ops["global_unlock"](PID + 1, handle) is False  # the holder lets go: it goes
+    assert kernel.check()["global_objects"] == 0
