@@ -62,7 +62,13 @@ def main(argv=None):
         return pool.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"status": _status, "check": _check}[args.command](args)
+    import shmheap
+
+    try:
+        return {"status": _status, "check": _check}[args.command](args)
+    except shmheap.ShmheapError as exc:  # no daemon, or it refused: one line, not a traceback
+        print(f"shmheap {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

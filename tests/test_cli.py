@@ -30,3 +30,11 @@ def test_status_lists_processes_heaps_and_regions(daemon, client):
     heap_lines = [line for line in proc.stdout.splitlines() if "inspect me" in line]
     assert len(heap_lines) == 1 and str(client.pid) in heap_lines[0]
     assert "1,048,576" in heap_lines[0]  # its committed bytes: the initial size
+
+
+def test_status_without_a_daemon_is_one_line_and_exit_1(short_dir):
+    env = dict(os.environ, SHMHEAP_SOCKET=os.path.join(short_dir, "none", "d.sock"))
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "no shmheapd" in proc.stderr, proc.stderr
