@@ -184,14 +184,15 @@ def GlobalMemoryStatusEx():
 # ---- bytes (non-Win32 helpers and the RtlMoveMemory family) ---------------------------------
 
 # view and write are the byte-level hot path: they check the last run the mapping opened
-# inline (Client.view's first lines, without its call), and take Client.view otherwise.
+# inline (Client.view's first lines, without its call), and take Client.view otherwise. The
+# run is reset whenever the mapping closes (fork, a lost connection), so it is never stale.
 
 def view(address, size, *, write=False):
     """A zero-copy memoryview of committed, accessible pages (read-only for read-only pages).
     Raises ShmheapPermissionError (ERROR_NOACCESS) for reserved, free, no-access or another
     process's pages, and GuardPageError once for PAGE_GUARD pages."""
     client = client_module.current
-    if client is not None and client.process_heap is not None:
+    if client is not None and client.mapping is not None:
         start, end, allowed = client.mapping.last_run
         if start <= address and address + size <= end and (allowed == WRITE or allowed and not write):
             bytes_there = client.memory[address:address + size]
@@ -205,10 +206,11 @@ def read(address, size):
 
 def write(address, data):
     client = client_module.current
-    if client is not None and client.process_heap is not None and type(data) is bytes:
+    if client is not None and client.mapping is not None and type(data) is bytes:
         start, end, allowed = client.mapping.last_run
-        if allowed == WRITE and start <= address and address + len(data) <= end:
-            client.memory[address:address + len(data)] = data
+        stop = address + len(data)
+        if allowed == WRITE and start <= address and stop <= end:
+            client.memory[address:stop] = data
             return
     if type(data) is not bytes:
         data = memoryview(data).cast("B")
