@@ -1233,7 +1233,7 @@ def test_get_system_info(win32):
     info = win32.GetSystemInfo()
     assert info.dwPageSize == 0x1000 == os.sysconf("SC_PAGE_SIZE")
     assert info.dwAllocationGranularity == 0x10000
-    assert info.lpMinimumApplicationAddress % 2**32 == 0x10000  # the base is 4 GiB aligned
+    assert info.lpMinimumApplicationAddress % 2**21 == 0x10000  # the base is 2 MiB aligned
     assert info.lpMaximumApplicationAddress == info.lpMinimumApplicationAddress - 0x10000 + SEGMENT - 1
     cpus = os.sched_getaffinity(0)
     assert info.dwNumberOfProcessors == len(cpus) >= 1
