@@ -253,26 +253,27 @@ class GlobalMemory:
         if handle == 0:
             return
         if handle in self.doomed and (self.holds.get(handle, {}).get(pid) or self.locks.get(handle, {}).get(pid)):
-            self._unhold(self.holds, handle, pid, False, every=True)  # a holder lets go
-            self._unhold(self.locks, handle, pid, True, every=True)
+            self._let_go(pid, handle)  # a holder of a freed object lets go
             self._bury(handle)
             return
         self._live(handle)
         if handle not in self.serials:
             self.table.free(handle)  # not an object: raises with the Win32 code
             return
-        self._unhold(self.holds, handle, pid, False, every=True)
-        self._unhold(self.locks, handle, pid, True, every=True)
+        self._let_go(pid, handle)
         self.owners.pop(handle, None)
         if handle in self.table.entries:
             # A moveable object's other holders hold only its pointer slot, in a table page
             # that is never given back: they let go of it with the object.
             for other in list(self.holds.get(handle, ())):
                 self._unhold(self.holds, handle, other, False, every=True)
-        if self._held_by_others(handle, pid):
-            self.doomed.add(handle)
-        else:
-            self._bury(handle)
+        self.doomed.add(handle)
+        self._bury(handle)  # now, unless another process still holds it
+
+    def _let_go(self, pid, value):
+        """Every hold and lock `pid` has on `value` goes."""
+        self._unhold(self.holds, value, pid, False, every=True)
+        self._unhold(self.locks, value, pid, True, every=True)
 
     def realloc(self, pid, handle, size, flags):
         """GlobalReAlloc. An object another process holds stays where it is: a change that
