@@ -36,6 +36,8 @@ from shmheap.segment import PAGE_SIZE, pages_in
 
 from .pagetable import SYSTEM
 
+READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
+
 # The global heap's starting commit, which it keeps when empty: room for a 64 KiB slab of
 # page-sized buffers and a few small ones, so sharing one buffer at a time does not commit and
 # decommit a slab per buffer.
@@ -114,31 +116,32 @@ class GlobalMemory:
     # ---- what each process may touch ------------------------------------------------------
 
     def _spans_of(self, value, locked):
-        """The bytes a hold on `value` opens: a fixed object's own; a moveable object's pointer
-        slot, and its data while locked."""
+        """The bytes a hold on `value` opens, with the access: a fixed object's own, read and
+        write; a moveable object's pointer slot, read-only (only the daemon moves data), and
+        its data, read and write, while locked."""
         if value in self.table.entries:
             slot = value & ADDRESS_MASK
             pointer = self.table.entries[value].pointer
-            spans = [(slot, slot + 8)]
+            spans = [(slot, slot + 8, mmap.PROT_READ)]
             if locked and pointer:
-                spans.append((pointer, pointer + max(self.heap.size(pointer), 1)))
+                spans.append((pointer, pointer + max(self.heap.size(pointer), 1), READ_WRITE))
             return spans
-        return [(value, value + max(self.heap.size(value), 1))]
+        return [(value, value + max(self.heap.size(value), 1), READ_WRITE)]
 
     def _open(self, pid, spans):
         mine = self.spans.setdefault(pid, {})
         starts = self.span_starts.setdefault(pid, [])
-        for start, end in spans:
+        for start, end, prot in spans:
             if start in mine:
                 mine[start][1] += 1
             else:
-                mine[start] = [end, 1]
+                mine[start] = [end, 1, prot]
                 insort(starts, start)
             self.pagetable.touch(start, end)
 
     def _close(self, pid, spans):
         mine = self.spans.get(pid, {})
-        for start, end in spans:
+        for start, end, _ in spans:
             held = mine.get(start)
             if held is None:
                 continue
@@ -150,30 +153,40 @@ class GlobalMemory:
             self.pagetable.touch(start, end)
 
     def access_runs(self, pid, start, end):
-        """What `pid` may do with the global heap's pages in [start, end): read and write the
-        pages of what it holds; nothing else. [[address, length, prot], ...] runs."""
+        """What `pid` may do with the global heap's pages in [start, end): on the pages of
+        what it holds, the most any span on the page allows; nothing elsewhere.
+        [[address, length, prot], ...] runs."""
         runs = []
         mine, starts = self.spans.get(pid, {}), self.span_starts.get(pid, [])
         i = max(bisect_right(starts, start) - 1, 0)
         cursor = start
         while i < len(starts) and starts[i] < end:
-            span_start, span_end = starts[i], mine[starts[i]][0]
+            span_start = starts[i]
+            span_end, _, prot = mine[span_start]
             i += 1
             lo = max(span_start - span_start % PAGE_SIZE, start)
             hi = min(-(-span_end // PAGE_SIZE) * PAGE_SIZE, end)
+            if lo < cursor and runs and prot & ~runs[-1][2]:
+                # The page this span starts on is open already, for less: give it the more.
+                shared = cursor - lo
+                runs[-1][1] -= shared
+                if not runs[-1][1]:
+                    runs.pop()
+                cursor = lo
             if hi <= cursor:
                 continue
             lo = max(lo, cursor)
             if lo > cursor:
                 runs.append([cursor, lo - cursor, 0])
-            if runs and runs[-1][2] and runs[-1][0] + runs[-1][1] == lo:
+            if runs and runs[-1][2] == prot and runs[-1][0] + runs[-1][1] == lo:
                 runs[-1][1] += hi - lo
             else:
-                runs.append([lo, hi - lo, mmap.PROT_READ | mmap.PROT_WRITE])
+                runs.append([lo, hi - lo, prot])
             cursor = hi
-            # Skip the spans on pages already open: all that start before `hi` end before it
-            # but the last (spans are disjoint), which may run on.
-            i = max(i, bisect_left(starts, hi) - 1)
+            if prot == READ_WRITE:
+                # Skip the spans on pages already open for all: those that start before `hi`
+                # end before it (spans are disjoint), but the last, which may run on.
+                i = max(i, bisect_left(starts, hi) - 1)
         if cursor < end:
             runs.append([cursor, end - cursor, 0])
         return runs
@@ -452,8 +465,8 @@ class GlobalMemory:
         for table, locked in ((self.holds, False), (self.locks, True)):
             for value, counts in table.items():
                 for pid, n in counts.items():
-                    for start, end in self._spans_of(value, locked):
-                        span = expected.setdefault(pid, {}).setdefault(start, [end, 0])
+                    for start, end, prot in self._spans_of(value, locked):
+                        span = expected.setdefault(pid, {}).setdefault(start, [end, 0, prot])
                         span[1] += n
         if expected != {pid: spans for pid, spans in self.spans.items() if spans}:
             problems.append("the processes' spans differ from their holds")

@@ -167,3 +167,17 @@ def test_a_freed_object_held_by_another_is_gone_for_every_call_but_its_holder_s_
     assert kernel.check()["global_objects"] == 1  # its memory stays for the holder
     assert ops["global_unlock"](PID + 1, handle) is False  # the holder lets go: it goes
     assert kernel.check()["global_objects"] == 0
+
+
+def test_a_page_shared_by_read_only_and_writable_spans_opens_for_the_most(kernel):
+    page, rw, ro = 4096, 3, 1
+    base = kernel.pagetable.base + 64 * page
+    memory = kernel.global_memory
+    memory._open(PID, [(base + 8, base + 16, ro), (base + 100, base + 200, rw),
+                       (base + page + 8, base + page + 16, ro)])
+    assert memory.access_runs(PID, base, base + 3 * page) == [
+        [base, page, rw], [base + page, page, ro], [base + 2 * page, page, 0]]
+    memory._close(PID, [(base + 100, base + 200, rw)])
+    assert memory.access_runs(PID, base, base + 3 * page) == [[base, 2 * page, ro], [base + 2 * page, page, 0]]
+    memory._open(PID, [(base + page - 8, base + page + 4, rw)])  # across the two pages: both open for all
+    assert memory.access_runs(PID, base, base + 3 * page) == [[base, 2 * page, rw], [base + 2 * page, page, 0]]

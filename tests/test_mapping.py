@@ -13,9 +13,10 @@ import threading
 import pytest
 
 import shmheap
-from shmheap.constants import (FILE_MAP_READ, MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE,
+from shmheap.constants import (FILE_MAP_READ, GMEM_MOVEABLE, MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE,
                                PAGE_GUARD, PAGE_READONLY, PAGE_READWRITE)
 from shmheap.errors import GuardPageError, ShmheapPermissionError, WinError
+from shmheap.moveable import ADDRESS_MASK
 
 from conftest import receive, touch_in_child, wait_until
 
@@ -173,5 +174,27 @@ def test_a_lost_connection_takes_the_access_with_it(daemon, client):
     assert receive(parent_end) == "dropped"
     child.join(30)
     assert child.exitcode == -signal.SIGSEGV
+    assert_commit_exact(daemon, client, child.pid)
+    client.check()
+
+
+def _write_own_handle_slot(socket_path, conn):
+    """Hold an unlocked moveable global object: its pointer slot reads, but only the daemon
+    writes it, so a write faults."""
+    client = shmheap.connect(socket_path, autostart=False)
+    handle = client.global_alloc(GMEM_MOVEABLE, 64)
+    conn.send((handle, ctypes.c_uint64.from_address(handle & ADDRESS_MASK).value))
+    faulthandler.enable()
+    ctypes.c_uint64.from_address(handle & ADDRESS_MASK).value = 0
+
+
+def test_a_moveable_objects_pointer_slot_is_read_only_to_its_holder(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_write_own_handle_slot, args=(daemon.socket, child_end))
+    child.start()
+    handle, slot_value = receive(parent_end)
+    child.join(30)
+    assert child.exitcode == -signal.SIGSEGV
+    assert slot_value != 0  # the slot read back the object's data pointer
     assert_commit_exact(daemon, client, child.pid)
     client.check()
