@@ -6,7 +6,9 @@ A Connection opens the socket (starting an embedded daemon first if none listens
 sends the handshake, then carries requests and replies framed by `protocol` (the same sans-IO
 Decoder the daemon uses). A lock covers each round trip (send, then read until the replies
 with our msgids are in), so threads share one connection and take turns; `call_many`
-pipelines a batch in one write and one read.
+pipelines a batch in one write and one read. Every connection of this process to one daemon
+shares that lock: the access changes each reply carries are applied in the order the daemon
+made them, so a process's mapping never goes back to an older state.
 
 Whoever owns the connection may send requests of its own with the handshake (the client
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
@@ -39,6 +41,11 @@ CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
 
 _connections = weakref.WeakSet()
+_round_trip_locks = {}  # daemon socket path -> the lock every connection to it shares
+
+
+def _round_trip_lock(path):
+    return _round_trip_locks.setdefault(os.path.abspath(path), threading.Lock())
 
 
 class Connection:
@@ -59,7 +66,7 @@ class Connection:
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
         # with the next call, in its write.
         self.deferred = []
-        self._lock = threading.Lock()
+        self._lock = _round_trip_lock(path)
         self._ids = itertools.count(1)
         # A reused buffer: a fresh 64 KiB bytes per recv costs an mmap/munmap each time.
         self._buffer = bytearray(RECV_SIZE)
@@ -201,7 +208,7 @@ class Connection:
     def _after_fork_in_child(self):
         # The inherited socket is the parent's conversation: close our copy of the descriptor
         # and start afresh on the next call.
-        self._lock = threading.Lock()
+        self._lock = _round_trip_lock(self.path)
         self.drop()
 
 
@@ -240,6 +247,7 @@ def _start_daemon(path):
 
 
 def _after_fork_in_child():
+    _round_trip_locks.clear()  # a lock another thread held at the fork stays held in the copy
     for connection in list(_connections):
         connection._after_fork_in_child()
 

@@ -16,7 +16,9 @@ import shmheap
 from shmheap.constants import (FILE_MAP_READ, GMEM_MOVEABLE, MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE,
                                PAGE_GUARD, PAGE_READONLY, PAGE_READWRITE)
 from shmheap.errors import GuardPageError, ShmheapPermissionError, WinError
+from shmheap.connection import Connection
 from shmheap.moveable import ADDRESS_MASK
+from shmheap.segment import Runs
 
 from conftest import receive, touch_in_child, wait_until
 
@@ -198,3 +200,48 @@ def test_a_moveable_objects_pointer_slot_is_read_only_to_its_holder(daemon, clie
     assert slot_value != 0  # the slot read back the object's data pointer
     assert_commit_exact(daemon, client, child.pid)
     client.check()
+
+
+def _two_clients_in_threads(socket_path, seconds, conn):
+    """Two clients of one process take turns on the same pages from two threads; afterwards
+    the mapping must be exactly what a new handshake says this process may touch."""
+    import random
+    import time
+
+    clients = [shmheap.connect(socket_path, autostart=False) for _ in range(2)]
+    for client in clients:  # widen the window between a reply's arrival and its access applied
+        apply = client.connection._apply_access
+        client.connection._apply_access = lambda changes, apply=apply: (time.sleep(random.random() / 500), apply(changes))
+    deadline = time.monotonic() + seconds
+
+    def churn(client):
+        while time.monotonic() < deadline:
+            address = client.virtual_alloc(0, 64 * 1024)
+            ctypes.memset(address, 0x74, 64 * 1024)  # a raw pointer: no view to ask the daemon again
+            client.virtual_free(address, 0, MEM_RELEASE)
+
+    faulthandler.enable()
+    threads = [threading.Thread(target=churn, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    mapping = clients[0].mapping
+    truth = Runs(mapping.size // PAGE, 0)
+    # A bare connection's handshake brings everything this process may touch, and asks for nothing.
+    Connection(socket_path, autostart=False, on_access=lambda changes: [
+        truth.set_pages((a - mapping.base) // PAGE, (a + n - mapping.base) // PAGE, prot) for a, n, prot in changes
+    ]).ensure_open()
+    pages = mapping.size // PAGE
+    conn.send(list(mapping.runs(0, pages)) == list(truth.runs(0, pages)))
+
+
+def test_two_clients_of_one_process_keep_its_mapping_in_the_daemons_order(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_two_clients_in_threads, args=(daemon.socket, 3.0, child_end))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "a raw write faulted: the mapping took an older access change last"
+    assert receive(parent_end), "the mapping drifted from what the daemon says this process may touch"
