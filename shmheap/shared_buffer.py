@@ -12,6 +12,7 @@ outlives the worker. A pickled buffer whose memory is really gone is refused
 """
 
 import ctypes
+import functools
 import weakref
 
 from .segment import as_array
@@ -38,9 +39,11 @@ class SharedBuffer:
         """A writable memoryview of the buffer's bytes (no copy). It keeps this buffer, and
         so this process's hold on it, alive for as long as it (or an array over it) lives."""
         self.client.view(self.address, self.size, write=True)  # open, or raise
-        array = (ctypes.c_ubyte * self.size).from_address(self.address)
+        # The exporter is a ctypes array that holds this buffer; its type is one per power of
+        # two (ctypes keeps every array type it makes forever), and the slice is exact.
+        array = _byte_array(max(self.size, 1).bit_length()).from_address(self.address)
         array.buffer = self
-        return memoryview(array).cast("B")
+        return memoryview(array).cast("B")[:self.size]
 
     def numpy(self, dtype="uint8", shape=None):
         """A numpy array over the buffer's bytes (no copy). Needs numpy (the `numpy` extra)."""
@@ -65,6 +68,11 @@ class SharedBuffer:
 
     def __repr__(self):
         return f"SharedBuffer(address={self.address:#x}, size={self.size})"
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_array(bits):
+    return ctypes.c_ubyte * (1 << bits)
 
 
 def _reattach(address, size, serial, path):
