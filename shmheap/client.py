@@ -25,18 +25,23 @@ import threading
 
 from . import mapping, segment
 from .connection import CONNECT_TIMEOUT, Connection
-from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, MEM_COMMIT, MEM_RESERVE,
+from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, HEAP_NO_SERIALIZE, MEM_COMMIT, MEM_RESERVE,
                         MEMORY_BASIC_INFORMATION, PAGE_READWRITE)
 from .errors import ShmheapError, WinError, raise_for
-from .heap import Heap, heap_layout
+from .heap import PURGE_DELAY, SHORT_OF_COMMIT, Heap, heap_layout
 from .mapping import WRITE
 from .moveable import LOCAL, MoveableTable
+from . import private_heap
 from .private_heap import DaemonPages, PrivateHeap
 from .shared_buffer import SharedBuffer
 
 PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
+
+# Freed large blocks of a private heap (up to this many bytes) stay for the next one until the
+# purge: a loop over big buffers reuses pages already committed and mapped.
+LARGE_CACHE_LIMIT = 32 * 2**20
 
 _process_heaps = itertools.count()  # numbers this process's process heaps, one per connection
 
@@ -95,7 +100,12 @@ class Client:
         self.local_objects = MoveableTable(self.process_heap, LOCAL)  # LocalAlloc's objects
 
     def _adopt_heap(self, handle, reserve, commit, flags, growable):
-        heap = Heap(DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable)
+        # Freed pages go back after PURGE_DELAY, by the purger thread; a HEAP_NO_SERIALIZE
+        # heap takes no lock, so no other thread may touch it: its own frees purge it.
+        heap = Heap(DaemonPages(self, handle), handle, reserve, commit, flags=flags, growable=growable,
+                    large_cache_limit=LARGE_CACHE_LIMIT, purge_delay=PURGE_DELAY,
+                    on_purge_due=None if flags & HEAP_NO_SERIALIZE else private_heap.purge_later,
+                    on_short_of_commit=private_heap.purge_now)
         self.heaps[handle] = heap
         return heap
 
@@ -109,6 +119,8 @@ class Client:
         # shares the mapping, the process holds nothing there any more: close it all.
         if self.mapping is not None and self.mapping.users == 1:
             self.mapping.close_all()
+        for heap in self.heaps.values():
+            heap.abandon()  # so the purger thread leaves it alone too
         self.heaps = {}
         self.process_heap = None
         self.local_objects = None
@@ -118,6 +130,11 @@ class Client:
         if not self.connection.is_open:
             self.connection.ensure_open()
         return self
+
+    @property
+    def requests_sent(self):
+        """Requests this client has sent the daemon (a loop that needs none shows none)."""
+        return self.connection.requests_sent
 
     @property
     def closed(self):
@@ -156,7 +173,13 @@ class Client:
         return self.connection.call("memory_status")
 
     def virtual_alloc(self, address, size, alloc_type=MEM_COMMIT | MEM_RESERVE, protect=PAGE_READWRITE):
-        """Reserve and/or commit pages (address 0: anywhere); returns the base address."""
+        """Reserve and/or commit pages (address 0: anywhere); returns the base address.
+        Short of commit, this process's heaps give back their freed pages first."""
+        try:
+            return self.connection.call("virtual_alloc", address, size, alloc_type, protect)
+        except ShmheapError as exc:
+            if exc.winerror not in SHORT_OF_COMMIT or not private_heap.purge_now():
+                raise
         return self.connection.call("virtual_alloc", address, size, alloc_type, protect)
 
     def virtual_free(self, address, size, free_type):
@@ -414,7 +437,11 @@ def _after_fork_in_child():
     # inherited socket (on_drop).
     global _default_lock, _process_heaps
     _default_lock = threading.Lock()
-    _process_heaps = itertools.count()
+    # Freed large blocks of a private heap (up to this many bytes) stay for the next one until the
+# purge: a loop over big buffers reuses pages already committed and mapped.
+LARGE_CACHE_LIMIT = 32 * 2**20
+
+_process_heaps = itertools.count()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

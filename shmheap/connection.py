@@ -62,6 +62,7 @@ class Connection:
         self.on_access = on_access  # (changes) -> None, for every reply that carries some
         self._apply_access = on_access or (lambda changes: None)
         self.info = None  # the daemon's hello reply
+        self.requests_sent = 0  # every request this connection has sent, the handshake's too
         self.closed = False
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
         # with the next call, in its write.
@@ -149,6 +150,7 @@ class Connection:
 
     def _exchange(self, payload, ids, return_exceptions):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
+        self.requests_sent += len(ids)
         replies = {}
         access = []  # the exchange's access changes, in order, applied once all replies are in
         send_error = None

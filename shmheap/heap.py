@@ -23,15 +23,24 @@ three kinds, by size:
             first bin whose every range is large enough in O(1). Freeing coalesces with both
             neighbours through two dicts (start -> end, end -> start), also O(1). So no
             operation costs more as the number of live blocks grows.
+            A freed medium block waits a while as it is, on a list by extent (`recent`,
+            as a thread cache does), so the next block of that extent is a pop: a loop
+            that allocates and frees one buffer never touches the free ranges. The lists
+            go back into the free ranges at the purge, or before the heap would grow.
     large   above LARGE_THRESHOLD (0xFE000, Windows' virtual-memory threshold on 64-bit): a
             region of its own, released when freed. Fixed-size heaps refuse them (HC-11).
 
-Commit grows a region's watermark in COMMIT_STEP (64 KiB) steps; a free range that reaches
-the watermark is decommitted in the same steps once more than DECOMMIT_SLACK lies free there
-(hysteresis, so a loop of alloc and free at the edge does not commit and decommit each time).
-Extension regions that become empty are released. When the last live block goes, the heap
-returns to its starting commit. Slabs that empty are dissolved back into free ranges, except
-the one slab per size class that allocation is using.
+Commit grows a region's watermark in COMMIT_STEP (64 KiB) steps. Giving pages back waits:
+a heap made with a `purge_delay` (the clients' heaps: PURGE_DELAY, in the spirit of mimalloc's
+purge delay and jemalloc's decay) only notes, when a free leaves pages it could return, that a
+*purge* is due that many seconds later; `purge()` (run then by the process's purger thread,
+at once under commit pressure, or by `compact()`) decommits every free top of a region and
+releases empty extension regions and cached large regions, and an empty heap goes back to
+its starting commit. So a loop that allocates and frees never commits or decommits on its
+path, and its slabs and free ranges stay set up across an empty heap. With no delay (the
+daemon's global heap), a free trims at once, keeping DECOMMIT_SLACK free at the top so a loop
+at the edge does not commit and decommit each time. Slabs that empty are dissolved back into
+free ranges, except the one slab per size class that allocation is using.
 
 With checking on (HEAP_TAIL_CHECKING_ENABLED / HEAP_FREE_CHECKING_ENABLED), every block gets
 at least 16 bytes of tail filled with TAIL_FILL and every free byte holds FREE_FILL, so
@@ -42,6 +51,7 @@ blocks overlapping, live + free + header == committed.
 """
 
 import threading
+import time
 from array import array
 
 from .constants import (HEAP_CREATE_ENABLE_EXECUTE, HEAP_FREE_CHECKING_ENABLED,
@@ -57,7 +67,10 @@ BIG_SLAB = 64 * 1024  # slab size of the classes above TINY_MAX
 LARGE_THRESHOLD = 0xFE000  # larger blocks get a region of their own (HC-11, HC-13)
 MAX_REQUEST = 2**62  # anything larger cannot be satisfied: fail before doing arithmetic on it
 COMMIT_STEP = 64 * 1024
-DECOMMIT_SLACK = 2 * COMMIT_STEP
+DECOMMIT_SLACK = 2 * COMMIT_STEP  # kept free at a region's top by an immediate trim
+RECENT_LIMIT = 2 * 2**20  # bytes of freed medium blocks a heap keeps on its `recent` lists
+RECENT_PER_EXTENT = 8
+PURGE_DELAY = 1.0  # seconds a client heap keeps freed pages before giving them back
 MIN_COMMIT = 0x400 * 8  # a new heap commits at least this (HW-01: dwCommittedSize 0x2000)
 FIRST_EXTENSION = 0x100000  # growable heaps add regions of 1 MiB, doubling (HC-08)
 MAX_EXTENSION = 0xFD0000
@@ -70,6 +83,9 @@ CLASS_SIZES = [0] + list(range(ALIGN, TINY_MAX + 1, ALIGN)) + [
     (4 + step) << (power - 2) for power in range(10, 14) for step in range(1, 5)]
 _CLASS_OF = bytes(next(i for i, c in enumerate(CLASS_SIZES) if c >= extent) if extent else 1
                   for extent in range(0, SMALL_MAX + 1, ALIGN))  # indexed by extent // 16
+
+
+SHORT_OF_COMMIT = {WinError.ERROR_COMMITMENT_LIMIT, WinError.ERROR_NOT_ENOUGH_MEMORY}
 
 
 def _large_pages(size):
@@ -169,7 +185,8 @@ class Slab:
 class Heap:
     """One heap: its regions, free ranges, slabs, medium and large blocks."""
 
-    def __init__(self, source, base, reserved, committed, *, flags=0, growable=True, large_cache_limit=0):
+    def __init__(self, source, base, reserved, committed, *, flags=0, growable=True, large_cache_limit=0,
+                 purge_delay=0.0, on_purge_due=None, on_short_of_commit=None):
         self.source = source
         self.memory = source.memory
         self.flags = flags
@@ -193,12 +210,20 @@ class Heap:
         self.current = [None] * len(CLASS_SIZES)  # the slab each class allocates from
         self.partial = [[] for _ in CLASS_SIZES]  # slabs with free slots, not current
         self.medium = {}  # address -> requested size
+        self.recent = {}  # extent -> freed medium blocks kept as they are for the next one
+        self.recent_bytes = 0
         self.large = {}  # address -> requested size (the region base is the address)
         # Freed large regions kept committed for the next large block, up to this many bytes
         # (0: none). The global heap keeps some: a pool that allocates, fills and frees big
         # arrays then reuses pages that are already backed and mapped.
         self.large_cache_limit = large_cache_limit
         self.large_cache = {}  # region base -> committed bytes
+        self.purge_delay = purge_delay
+        self.purge_due = None  # monotonic time of the next purge, if a free left pages to give back
+        self.on_purge_due = on_purge_due  # (heap) -> None, told when a purge is first due
+        self.on_short_of_commit = on_short_of_commit  # (heap) -> True if other heaps gave back
+        self.purging = False  # a purger thread is at work on the heap, or about to be
+        self.unlocked_calls = set()  # HEAP_NO_SERIALIZE calls under way (shmheap/win32.py)
         self.live = 0
         self._add_committed(base + HEAP_HEADER, base + committed)
 
@@ -251,10 +276,30 @@ class Heap:
                 return start
         return None
 
+    def _find_aligned_fit(self, size, align):
+        """Start of a free range that holds `size` bytes at `align` although it is smaller
+        than size + align (a page-aligned slab in a heap with one free page): a scan of the
+        bins that may hold one, before the heap grows for want of it."""
+        index = _bin_of(size)
+        candidates = self.bitmap >> index
+        while candidates:
+            if candidates & 1:
+                for start in self.bins[index]:
+                    if round_up(start, align) + size <= self.free_start[start]:
+                        return start
+            candidates >>= 1
+            index += 1
+        return None
+
     def _carve(self, size, align=ALIGN):
         """Take `size` bytes at `align` alignment from the free ranges, growing the commit or
         the heap if needed. Returns the address."""
         start = self._find_fit(size + align - ALIGN)
+        if start is None and align > ALIGN:
+            start = self._find_aligned_fit(size, align)
+        if start is None and self.recent:
+            self._flush_recent()  # the blocks kept for reuse may make room where they lie
+            start = self._find_fit(size + align - ALIGN)
         if start is None:
             start = self._grow(size + align - ALIGN)
         end = self.free_start[start]
@@ -266,7 +311,28 @@ class Heap:
 
     def _grow(self, size):
         """Make a free range of at least `size` bytes by committing more of a region, or by
-        adding a region to a growable heap. Returns its start."""
+        adding a region to a growable heap. Returns its start. Short of commit, whatever a
+        purge would give back goes first, and the heap tries once more."""
+        try:
+            return self._grow_once(size)
+        except ShmheapError as exc:
+            if exc.winerror not in SHORT_OF_COMMIT or not self._give_back_for_room():
+                raise
+        start = self._find_fit(size)
+        return start if start is not None else self._grow_once(size)
+
+    def _give_back_for_room(self):
+        """Under commit pressure: purge this heap now if a purge is due, and the process's
+        other heaps (on_short_of_commit); True if anything was given back."""
+        gave = False
+        if self.purge_due is not None or self.large_cache:
+            self.purge()
+            gave = True
+        if self.on_short_of_commit is not None:
+            gave = self.on_short_of_commit(self) or gave
+        return gave
+
+    def _grow_once(self, size):
         for region in self.regions:
             top = self.free_end.get(region.committed_end, region.committed_end)
             if top + size <= region.end:
@@ -297,8 +363,8 @@ class Heap:
             self._fill(start, end - start, FREE_FILL)
         self._add_free(start, end)
 
-    def _trim(self, region):
-        """Decommit the free top of `region` beyond the slack; release an empty extension."""
+    def _trim(self, region, slack=DECOMMIT_SLACK):
+        """Decommit the free top of `region` beyond `slack`; release an empty extension."""
         top = self.free_end.get(region.committed_end)
         if top is None:
             return
@@ -309,15 +375,15 @@ class Heap:
             self.source.release(region.base)
             return
         floor = self.base + self.initial_commit if region is self.regions[0] else region.base
-        if region.committed_end - max(top, floor) <= DECOMMIT_SLACK:
+        if region.committed_end - max(top, floor) <= slack:
             return
-        new_end = max(round_up(top, COMMIT_STEP) + COMMIT_STEP, floor)
+        new_end = max(round_up(top, COMMIT_STEP) + (COMMIT_STEP if slack else 0), floor)
         if new_end < region.committed_end:
             self._shrink_commit(region, top, new_end)
 
     def _shrink_commit(self, region, top, new_end):
+        self.source.decommit(new_end, region.committed_end - new_end)  # first: it may fail
         self._unlink(top, region.committed_end)
-        self.source.decommit(new_end, region.committed_end - new_end)
         region.committed_end = new_end
         self._add_free(top, new_end)
 
@@ -332,14 +398,16 @@ class Heap:
         return self._region_of(address) is not None
 
     def has_region(self, base):
-        """True if a region of the heap, or of one of its large blocks, starts at `base`."""
-        return base in self.region_bases or base in self.large
+        """True if a region of the heap, or of one of its large blocks (live or kept for the
+        next), starts at `base`."""
+        return base in self.region_bases or base in self.large or base in self.large_cache
 
     def _reset_when_empty(self):
         """No live block left: go back to the starting commit. Called only when there is
         something to give back, so a heap already there keeps its slabs, and a loop of alloc
         and free inside the initial commit costs no slab setup."""
         self.grown = False
+        self._flush_recent()
         first = self.regions[0]
         if len(self.regions) == 1 and first.committed_end == self.base + self.initial_commit:
             return  # trimmed back already: keep the slabs
@@ -374,7 +442,12 @@ class Heap:
             slab.live += 1
             address = slab.base + slot * slab.block
         elif size <= LARGE_THRESHOLD:
-            address = self._carve(extent)
+            recent = self.recent.get(extent)
+            if recent:
+                address = recent.pop()
+                self.recent_bytes -= extent
+            else:
+                address = self._carve(extent)
             self.medium[address] = size
         elif size <= MAX_REQUEST:
             address = self._alloc_large(size)
@@ -464,18 +537,26 @@ class Heap:
                 cls = slab.cls
                 if slab.live == 0:
                     self._dissolve(slab)
-                    self._trim(self._region_of(slab.base))
+                    self._give_back(self._region_of(slab.base))
                 elif len(slab.free) == 1:
                     self.partial[cls].append(slab)
         elif address in self.medium:
             extent = self._extent(self.medium.pop(address))
-            if self.checking:
-                self._fill(address, extent, FREE_FILL)
-            self._add_free(address, address + extent)
-            self._trim(self._region_of(address))
+            recent = self.recent.setdefault(extent, []) if self.purge_delay and not self.checking else None
+            if recent is not None and len(recent) < RECENT_PER_EXTENT and self.recent_bytes + extent <= RECENT_LIMIT:
+                recent.append(address)
+                self.recent_bytes += extent
+                if self.purge_due is None:
+                    self._purge_later()
+            else:
+                if self.checking:
+                    self._fill(address, extent, FREE_FILL)
+                self._add_free(address, address + extent)
+                self._give_back(self._region_of(address))
         elif address in self.large:
             kept = _large_pages(self.large.pop(address))
             if kept <= self.large_cache_limit:
+                self._purge_later()
                 # Keep the latest few, within the limit: a buffer is often freed while the next
                 # is in use (a worker still holds the last one), so two take turns.
                 while self.large_cache and sum(self.large_cache.values()) + kept > self.large_cache_limit:
@@ -489,7 +570,42 @@ class Heap:
             raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
         if self.live == 0 and self.grown:
+            if self.purge_delay:
+                self._purge_later()
+            else:
+                self._reset_when_empty()
+
+    # ---- giving pages back ---------------------------------------------------------------
+
+    def _give_back(self, region):
+        """A free may have left pages at the top of `region` to give back: now, or later."""
+        if self.purge_delay:
+            self._purge_later()
+        else:
+            self._trim(region)
+
+    def _purge_later(self):
+        now = time.monotonic()
+        if self.purge_due is None:
+            self.purge_due = now + self.purge_delay
+            if self.on_purge_due is not None:
+                self.on_purge_due(self)
+        elif now >= self.purge_due and self.on_purge_due is None:
+            self.purge()  # nobody purges this heap in the background: its own frees do
+
+    def purge(self):
+        """Give back now what frees left committed: cached large regions, empty slabs, the
+        free top of every region (no slack kept), empty extension regions; an empty heap goes
+        back to its starting commit."""
+        self.purge_due = None
+        self.flush_large_cache()
+        self._flush_recent()
+        if self.live == 0:
             self._reset_when_empty()
+            return
+        self._dissolve_empty_slabs()
+        for region in list(self.regions):
+            self._trim(region, slack=0)
 
     def realloc(self, address, size, zero=False, in_place_only=False):
         """Resize a block, in place when possible (else moved, unless `in_place_only`).
@@ -567,6 +683,8 @@ class Heap:
         self.large_cache.clear()
         self.large.clear()
         self.medium.clear()
+        self.recent.clear()
+        self.recent_bytes = 0
         self.slabs.clear()
         self.slab_set.clear()
         self.regions = []
@@ -589,6 +707,7 @@ class Heap:
         """A block of `size` bytes at an address below `limit`, or None: the lowest free slot
         of the size class's slabs, or the lowest free range that fits. For compaction, which
         is explicit and rare, so it may scan."""
+        self._flush_recent()
         extent = self._extent(size)
         if extent <= SMALL_MAX:
             cls = _CLASS_OF[extent >> 4]
@@ -623,7 +742,11 @@ class Heap:
     def walk(self):
         """HeapWalk's entries in order: per region a region entry, then its busy blocks and
         free ranges by address, then its uncommitted range; large blocks last (HW-01..HW-03).
-        Each entry is (kind, address, size, overhead, region_index, region)."""
+        Each entry is (kind, address, size, overhead, region_index, region). A walk shows
+        the heap settled: a purge that is due runs first (HW-02: freeing every block gives
+        the fresh heap's walk again)."""
+        if self.purge_due is not None:
+            self.purge()
         for index, region in enumerate(self.regions):
             yield "region", region.base, region.committed_end - region.base, 0, index, region
             items = [(start, "free", end - start, 0) for start, end in self.free_start.items()
@@ -673,16 +796,30 @@ class Heap:
         """HeapCompact's answer: the largest committed free range."""
         return max((end - start for start, end in self.free_start.items()), default=0)
 
-    def compact(self):
-        """Dissolve empty slabs and decommit free tops; return the largest free range."""
+    def _flush_recent(self):
+        """The freed medium blocks kept for reuse go back into the free ranges."""
+        for extent, addresses in self.recent.items():
+            for address in addresses:
+                self._add_free(address, address + extent)
+        self.recent.clear()
+        self.recent_bytes = 0
+
+    def _dissolve_empty_slabs(self):
         for slab in list(self.slab_set):
             if slab.live == 0:
                 cls = slab.cls
                 if self.current[cls] is slab:
                     self.current[cls] = None
                 self._dissolve(slab)
-        for region in list(self.regions):
-            self._trim(region)
+
+    def compact(self):
+        """HeapCompact: give back what a purge would, at once; return the largest free range."""
+        if self.purge_delay:
+            self.purge()
+        else:
+            self._dissolve_empty_slabs()
+            for region in list(self.regions):
+                self._trim(region)
         return self.largest_free()
 
     @property
@@ -738,6 +875,12 @@ class Heap:
             spans.append((slab.base, slab.base + slab.size, "slab"))
         for address, size in self.medium.items():
             spans.append((address, address + self._extent(size), "block"))
+        for extent, addresses in self.recent.items():
+            spans += [(address, address + extent, "freed block kept") for address in addresses]
+        if sum(extent * len(a) for extent, a in self.recent.items()) != self.recent_bytes:
+            problems.append("recent_bytes disagrees with the recent lists")
+        if self.recent and self.purge_due is None:
+            problems.append("freed blocks kept with no purge due")
         if live != self.live:
             problems.append(f"live count {self.live} != walked {live}")
         for region in self.regions:

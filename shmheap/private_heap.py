@@ -1,12 +1,20 @@
-"""Private heaps as Python objects: PrivateHeap and its Blocks, and the page source that
-feeds a private heap's allocator from the daemon.
+"""Private heaps as Python objects: PrivateHeap and its Blocks, the page source that feeds a
+private heap's allocator from the daemon, and the purger that gives freed pages back.
 
 A private heap's allocator (shmheap/heap.py) runs in this process, so `alloc` and
 `Block.free` make no round trip unless the heap's commit must change; only then does
 DaemonPages ask the daemon, which records every region and commit under the heap's handle.
+Pages a free leaves go back to the daemon PURGE_DELAY seconds later, from the process's purger
+thread, so a loop that allocates and frees makes no request at all, and a process that frees
+and then sleeps keeps no free pages committed for long.
 """
 
-from .errors import WinError, raise_for
+import os
+import threading
+import time
+import weakref
+
+from .errors import ShmheapError, WinError, raise_for
 from .heap import PageSource
 from .segment import as_array
 
@@ -131,3 +139,88 @@ class Block:
 
     def __repr__(self):
         return f"Block(address={self.address:#x}, size={self.size})"
+
+
+class Purger:
+    """One thread per process runs each heap's purge when it is due (Heap.purge_due). It
+    takes a heap's lock only if it is free: a thread holding HeapLock is never waited on
+    (its heap is purged on a later round)."""
+
+    def __init__(self):
+        self.heaps = weakref.WeakSet()  # heaps with a purge due
+        self.wakeup = threading.Condition()
+        self.thread = None
+
+    def due(self, heap):
+        """Heap.on_purge_due: `heap` has a purge due at heap.purge_due."""
+        with self.wakeup:
+            self.heaps.add(heap)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="shmheap purger", daemon=True)
+                self.thread.start()
+            self.wakeup.notify()
+
+    def purge_now(self, besides=None):
+        """Commit pressure: purge every heap with a purge due (but `besides`, whose lock the
+        caller holds) whose lock is free; True if any was purged."""
+        with self.wakeup:
+            due = [heap for heap in self.heaps if heap is not besides and heap.purge_due is not None]
+        return sum(self._purge(heap) and heap.purge_due is None for heap in due) > 0
+
+    def _run(self):
+        while True:
+            with self.wakeup:
+                now = time.monotonic()
+                due = [heap for heap in self.heaps if heap.purge_due is None or heap.purge_due <= now]
+                if not due:
+                    later = [heap.purge_due for heap in self.heaps]
+                    self.wakeup.wait(min(later) - now if later else None)
+                    continue
+            for heap in due:
+                if self._purge(heap):
+                    with self.wakeup:
+                        if heap.purge_due is None:
+                            self.heaps.discard(heap)
+            time.sleep(0.01)  # heaps whose lock was taken: try again shortly, not at once
+
+    @staticmethod
+    def _purge(heap):
+        """Purge `heap` unless a thread holds its lock or a HEAP_NO_SERIALIZE call is under
+        way (say `purging` first, then look: see win32._unless_held); True if it needs no
+        more of this round."""
+        heap.purging = True
+        try:
+            if heap.unlocked_calls or not heap.lock.acquire(blocking=False):
+                return False
+            try:
+                if heap.alive and heap.purge_due is not None:
+                    heap.purge()
+            except ShmheapError:
+                pass  # the connection went: the heap went with it (Client._on_drop)
+            finally:
+                heap.lock.release()
+        finally:
+            heap.purging = False
+        return True
+
+
+purger = Purger()
+
+
+def purge_later(heap):
+    """Heap.on_purge_due for this process's heaps: this process's purger runs it."""
+    purger.due(heap)
+
+
+def purge_now(besides=None):
+    """Heap.on_short_of_commit, and VirtualAlloc's, for this process: give back every
+    purge that is due now."""
+    return purger.purge_now(besides)
+
+
+def _after_fork_in_child():
+    global purger
+    purger = Purger()  # the thread did not come along; the parent's heaps are not ours
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -24,7 +24,8 @@ import operator
 import os
 import platform
 import threading
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from . import client as client_module
@@ -254,7 +255,10 @@ _OUT_OF_MEMORY = {WinError.ERROR_NOT_ENOUGH_MEMORY, WinError.ERROR_COMMITMENT_LI
 def _heap(hHeap):
     """This process's heap for a handle; ERROR_INVALID_HANDLE for a handle of another
     process, a destroyed heap, or garbage."""
-    heap = default_client().heaps.get(hHeap & _MASK64)
+    client = client_module.current
+    if client is None or client.process_heap is None:  # not connected yet, or again
+        client = default_client()
+    heap = client.heaps.get(hHeap & _MASK64)
     if heap is None:
         raise_for(WinError.ERROR_INVALID_HANDLE, f"no heap {hHeap:#x} in this process")
     return heap
@@ -262,7 +266,30 @@ def _heap(hHeap):
 
 def _serialized(heap, flags):
     """The heap's lock, unless the heap or the call says HEAP_NO_SERIALIZE."""
-    return _NO_LOCK if (flags | heap.flags) & HEAP_NO_SERIALIZE else heap.lock
+    if heap.flags & HEAP_NO_SERIALIZE:
+        return _NO_LOCK
+    if flags & HEAP_NO_SERIALIZE:
+        return _unless_held(heap)
+    return heap.lock
+
+
+@contextmanager
+def _unless_held(heap):
+    """A HEAP_NO_SERIALIZE call on a serialized heap takes no lock (it runs even while a
+    thread holds HeapLock), but never runs beside the purger thread: the caller promised that
+    no thread of its own uses the heap, not that ours does not. Each side says it is there,
+    then looks for the other (Heap.unlocked_calls, Heap.purging); one of them waits."""
+    token = object()
+    while True:
+        heap.unlocked_calls.add(token)
+        if not heap.purging:
+            try:
+                yield
+            finally:
+                heap.unlocked_calls.discard(token)
+            return
+        heap.unlocked_calls.discard(token)
+        time.sleep(0.001)
 
 
 def _heap_failed(exc, failure, hHeap, flags):
@@ -316,7 +343,7 @@ def HeapAlloc(hHeap, dwFlags, dwBytes):
     flags = dwFlags & _MASK32
     try:
         heap = _heap(hHeap)
-        with _serialized(heap, flags):
+        with heap.lock if not (flags | heap.flags) & HEAP_NO_SERIALIZE else _serialized(heap, flags):
             return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
     except ShmheapError as exc:
         return _heap_failed(exc, 0, hHeap, flags)
@@ -345,7 +372,7 @@ def HeapFree(hHeap, dwFlags, lpMem):
         return True  # HF-01: NULL short-circuits before the heap is looked at
     try:
         heap = _heap(hHeap)
-        with _serialized(heap, dwFlags & _MASK32):
+        with heap.lock if not (dwFlags | heap.flags) & HEAP_NO_SERIALIZE else _serialized(heap, dwFlags & _MASK32):
             heap.free(address)
         return True
     except ShmheapError as exc:

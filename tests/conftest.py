@@ -204,7 +204,8 @@ def bind_win32(daemon, monkeypatch):
     client.check()  # the daemon's walkers: page table, heaps, global memory, sections, sessions
     client.local_objects.check()  # and this process's: LocalAlloc's handle table, its heaps
     for heap in client.heaps.values():
-        heap.check()
+        with heap.lock:  # the purger thread may be at work on it
+            heap.check()
     shmheap.close_default()
 
 

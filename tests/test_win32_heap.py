@@ -332,6 +332,9 @@ def test_hc13_growable_heap_large_block_gets_own_region(win32):
     win32.write(p + 5 * A, b"\x77")
     assert win32.read(p + 5 * A, 1) == b"\x77"
     free(win32, h, p)
+    assert alloc(win32, h, 5 * A) == p  # kept for the next large block until the purge
+    free(win32, h, p)
+    win32.HeapCompact(h, 0)  # the purge at once
     assert win32.VirtualQuery(p).State == MEM_FREE  # the region went with the block
 
 

@@ -1,0 +1,132 @@
+"""Heaps that do not churn: in the configurations people use (HeapCreate(0, 0, 0),
+GetProcessHeap(), a heap with no sizes, the Block API), a loop that allocates and frees sends
+the daemon nothing; the pages it freed go back after the purge delay, at once under commit
+pressure or on HeapCompact."""
+
+import multiprocessing
+import time
+
+import pytest
+
+import shmheap
+from shmheap.heap import PURGE_DELAY
+
+from conftest import bind_win32, receive, wait_until
+
+KiB, MiB = 1024, 2**20
+SIZES = [16, 64, KiB, 4 * KiB, 64 * KiB, 256 * KiB]
+spawn = multiprocessing.get_context("spawn")
+
+
+def _heap_forms(win32):
+    """(name, alloc(size) -> token, free(token)) for each way users get a heap."""
+    client = shmheap.default_client()
+    created = win32.HeapCreate(0, 0, 0)
+    named = client.create_heap("plain")
+    process = win32.GetProcessHeap()
+    sized = win32.HeapCreate(0, MiB, 0)
+    return [
+        ("HeapCreate(0, 0, 0)", lambda n: win32.HeapAlloc(created, 0, n), lambda p: win32.HeapFree(created, 0, p)),
+        ("GetProcessHeap()", lambda n: win32.HeapAlloc(process, 0, n), lambda p: win32.HeapFree(process, 0, p)),
+        ("create_heap(name)", named.alloc, lambda block: block.free()),
+        ("HeapCreate(0, 1 MiB, 0)", lambda n: win32.HeapAlloc(sized, 0, n), lambda p: win32.HeapFree(sized, 0, p)),
+    ]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_steady_alloc_free_loop_sends_the_daemon_nothing(win32, size):
+    client = shmheap.default_client()
+    for name, alloc, free in _heap_forms(win32):
+        free(alloc(size))  # the first pair may commit
+        before = client.requests_sent
+        for _ in range(200):
+            token = alloc(size)
+            assert token, f"{name}: allocation of {size} failed"
+            free(token)
+        assert client.requests_sent == before, f"{name}, {size} B: the loop asked the daemon"
+
+
+def test_a_one_page_slab_fits_a_heap_with_one_free_page(win32):
+    heap = win32.HeapCreate(0, 0, 0)
+    allocator = shmheap.default_client().heaps[heap]
+    committed = allocator.committed
+    block = win32.HeapAlloc(heap, 0, 64)  # its slab is one page, page-aligned
+    assert block and allocator.committed == committed, "alignment padding made the heap grow"
+    assert win32.HeapFree(heap, 0, block)
+
+
+def test_freed_pages_stay_until_the_delay_then_go_back(win32):
+    client = shmheap.default_client()
+    heap = win32.HeapCreate(0, 0, 0)
+    allocator = client.heaps[heap]
+    start = allocator.committed
+    blocks = [win32.HeapAlloc(heap, 0, 64 * KiB) for _ in range(64)]
+    grown = allocator.committed
+    assert grown >= start + 4 * MiB
+    for block in blocks:
+        win32.HeapFree(heap, 0, block)
+    assert allocator.committed == grown  # kept for the next loop: nothing decommitted yet
+    wait_until(lambda: allocator.committed == start, timeout=PURGE_DELAY + 10, what="the purge")
+    daemon_view = {row["handle"]: row["committed"] for row in client.heap_list()}
+    assert daemon_view[heap] == start  # the daemon counts what the heap holds
+
+
+def test_heap_compact_gives_the_pages_back_at_once(win32):
+    heap = win32.HeapCreate(0, 0, 0)
+    allocator = shmheap.default_client().heaps[heap]
+    start = allocator.committed
+    blocks = [win32.HeapAlloc(heap, 0, 200 * KiB) for _ in range(8)]
+    for block in blocks[1:]:
+        win32.HeapFree(heap, 0, block)
+    assert allocator.committed >= start + 8 * 200 * KiB  # kept until the purge
+    win32.HeapCompact(heap, 0)
+    assert allocator.committed < start + 512 * KiB  # one block and the pages around it remain
+    win32.HeapFree(heap, 0, blocks[0])
+    win32.HeapCompact(heap, 0)
+    assert allocator.committed == start
+
+
+@pytest.fixture
+def tight_win32(make_daemon, monkeypatch):
+    yield from bind_win32(make_daemon("--process-commit-limit", "8M"), monkeypatch)
+
+
+def test_commit_pressure_takes_the_freed_pages_back_at_once(tight_win32):
+    win32 = tight_win32
+    first, second = win32.HeapCreate(0, 0, 0), win32.HeapCreate(0, 0, 0)
+    blocks = [win32.HeapAlloc(first, 0, 64 * KiB) for _ in range(80)]  # 5 MiB
+    assert all(blocks)
+    for block in blocks:
+        win32.HeapFree(first, 0, block)
+    # 5 MiB are still committed for `first`: these need them, and get them without waiting.
+    assert all(win32.HeapAlloc(second, 0, 64 * KiB) for _ in range(64))
+    address = win32.VirtualAlloc(0, MiB, win32.MEM_COMMIT | win32.MEM_RESERVE, win32.PAGE_READWRITE)
+    assert address, f"VirtualAlloc failed under pressure: {win32.GetLastError()}"
+
+
+def _free_all_then_sleep(socket_path, conn):
+    from shmheap import win32
+
+    client = shmheap.connect(socket_path, autostart=False)
+    shmheap.client.current = client  # the facade's default client: this daemon's
+    heaps = [win32.GetProcessHeap(), win32.HeapCreate(0, 0, 0)]
+    blocks = [(h, win32.HeapAlloc(h, 0, size)) for h in heaps for size in SIZES for _ in range(8)]
+    assert all(block for _, block in blocks)
+    for h, block in blocks:
+        win32.HeapFree(h, 0, block)
+    conn.send(("freed", client.pid))  # ~5 MiB were committed
+    time.sleep(60)  # asleep: only the purger thread can give the pages back
+
+
+def test_a_process_that_frees_and_sleeps_holds_little_after_two_seconds(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_free_all_then_sleep, args=(daemon.socket, child_end))
+    child.start()
+    try:
+        _, pid = receive(parent_end, timeout=60)
+        time.sleep(2.0)
+        held = sum(row["committed"] for row in client.heap_list() if row["owner"] == pid)
+        assert held <= MiB, f"{held} bytes of heap pages still committed 2 s after the last free"
+    finally:
+        child.kill()
+        child.join(30)
