@@ -125,11 +125,13 @@ class Kernel:
 
     def begin(self):
         """A request starts: nothing touched yet."""
-        self.pagetable.take_touched()
+        self.pagetable.touched.clear()
 
     def access_changes(self, pid):
         """What the request just answered changed in what `pid` may touch (PageTable.touch),
         for its reply: [[address, length, prot], ...], or None."""
+        if not self.pagetable.touched:
+            return None
         changes = []
         for start, end in self.pagetable.take_touched():
             changes += self.pagetable.access_runs(pid, start, end)

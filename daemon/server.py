@@ -8,9 +8,10 @@ with ERROR_GEN_FAILURE. The server answers "hello" itself (it is about the conne
 hands every other op to the kernel (kernel.py) under the caller's pid, as SO_PEERCRED says.
 """
 
+import ctypes
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -25,7 +26,9 @@ log = logging.getLogger("shmheapd.server")
 
 RECV_SIZE = 64 * 1024
 MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
+TICK = 0.25  # seconds between housekeeping rounds (pins lapsing, caches, idle exit)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_READ, _WRITE, _CLOSED = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
 
 
 class Server:
@@ -34,70 +37,84 @@ class Server:
         self.kernel = kernel
         self.allowed_uids = allowed_uids
         self.idle_exit = idle_exit
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.handlers = {}  # fd -> Session, or a callable for the listener, wakeup and tick
         self.stopping = False
         self.live = set()
         # One receive buffer for every connection: the loop reads one socket at a time, and
         # a fresh large bytes object per recv would cost an mmap/munmap each time.
         self.buffer = bytearray(RECV_SIZE)
         self.buffer_view = memoryview(self.buffer)
+        self.idle_since = time.monotonic()
+        self.kept_said = False  # logged once per idle spell that something keeps us up
 
     def serve_forever(self, early_signals=()):
         """Serve until SIGTERM/SIGINT (or idle exit). `early_signals` lists any that arrived
-        before this loop took the handlers over."""
+        before this loop took the handlers over. The loop does per request only what the
+        request needs: time-driven work (pins lapsing, caches released, idle exit) runs on
+        a timer's tick, not on every turn."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
+        tick = Ticker(TICK)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.stopping = self.stopping or bool(early_signals)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         self.listener.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.selector.register(wake_r, selectors.EVENT_READ, lambda sock, mask: sock.recv(512))
-        idle_since = time.monotonic()
-        kept_said = False  # logged once per idle spell that something keeps us up
+        self._register(self.listener.fileno(), _READ, self._accept)
+        self._register(wake_r.fileno(), _READ, lambda: wake_r.recv(512))
+        self._register(tick.fd, _READ, lambda: self._on_tick(tick))
+        handlers, poll = self.handlers, self.epoll.poll
         try:
             while not self.stopping:
-                now = time.monotonic()
-                timeout = self.kernel.housekeeping(now)
-                if self.idle_exit and not self.live:
-                    idle_left = idle_since + self.idle_exit - now
-                    kept = self.kernel.outliving()
-                    if idle_left <= 0 and not kept:
-                        log.info("idle for %ss with no clients and nothing meant to outlive them: exiting",
-                                 self.idle_exit)
-                        break
-                    if idle_left <= 0:
-                        if not kept_said:
-                            log.info("idle, but staying up: %s", kept)
-                            kept_said = True
-                    else:
-                        timeout = idle_left if timeout is None else min(timeout, idle_left)
-                for key, mask in self.selector.select(timeout):
-                    if type(key.data) is Session:
-                        self._on_ready(key.data, mask)
-                    else:
-                        key.data(key.fileobj, mask)
-                if self.live:
-                    idle_since = time.monotonic()
-                    kept_said = False
+                for fd, events in poll():
+                    handler = handlers.get(fd)
+                    if type(handler) is Session:
+                        if events & _WRITE:
+                            self._flush(handler)
+                        if events & (_READ | _CLOSED) and handler in self.live:
+                            self._read(handler)
+                    elif handler is not None:
+                        handler()
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for session in list(self.live):
                 self._close(session)
-            self.selector.close()
+            self.epoll.close()
+            tick.close()
             wake_r.close()
             wake_w.close()
+
+    def _register(self, fd, events, handler):
+        self.handlers[fd] = handler
+        self.epoll.register(fd, events)
+
+    def _on_tick(self, tick):
+        tick.consume()
+        now = time.monotonic()
+        self.kernel.housekeeping(now)
+        if self.live:
+            self.idle_since = now
+            self.kept_said = False
+        elif self.idle_exit and now - self.idle_since >= self.idle_exit:
+            kept = self.kernel.outliving()
+            if not kept:
+                log.info("idle for %ss with no clients and nothing meant to outlive them: exiting",
+                         self.idle_exit)
+                self.stopping = True
+            elif not self.kept_said:
+                log.info("idle, but staying up: %s", kept)
+                self.kept_said = True
 
     def _on_signal(self, signum, frame):
         log.info("signal %d: shutting down", signum)
         self.stopping = True
 
-    def _accept(self, listener, mask):
+    def _accept(self):
         try:
-            sock, _ = listener.accept()
+            sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -113,14 +130,8 @@ class Server:
         sock.setblocking(False)
         session = Session(sock, pid, uid)
         self.live.add(session)
-        self.selector.register(sock, selectors.EVENT_READ, session)
+        self._register(sock.fileno(), _READ, session)
         log.debug("pid %d connected", pid)
-
-    def _on_ready(self, session, mask):
-        if mask & selectors.EVENT_WRITE:
-            self._flush(session)
-        if mask & selectors.EVENT_READ and session in self.live:
-            self._read(session)
 
     def _read(self, session):
         try:
@@ -141,12 +152,25 @@ class Server:
         out = session.outbuf
         for frame in frames:
             try:
-                out += self._dispatch(session, frame)
+                reply = self._dispatch(session, frame)
             except ProtocolError as exc:
                 log.warning("pid %d sent a bad frame (%s): dropped", session.pid, exc)
                 self._close(session)
                 return
-        self._flush(session)
+            if len(frames) == 1 and not out:  # the common case: one request, nothing queued
+                try:
+                    sent = session.sock.send(reply)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(session)
+                    return
+                if sent == len(reply):
+                    return
+                reply = memoryview(reply)[sent:]
+            out += reply
+        if out:
+            self._flush(session)
 
     def _dispatch(self, session, frame):
         try:
@@ -200,15 +224,15 @@ class Server:
         want_write = bool(out)
         if want_write != session.want_write:
             session.want_write = want_write
-            key = self.selector.get_key(session.sock)
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
-            self.selector.modify(session.sock, events, key.data)
+            self.epoll.modify(session.sock.fileno(), _READ | (_WRITE if want_write else 0))
 
     def _close(self, session):
         if session not in self.live:
             return
         self.live.discard(session)
-        self.selector.unregister(session.sock)
+        fd = session.sock.fileno()
+        self.epoll.unregister(fd)
+        del self.handlers[fd]
         session.sock.close()
         self.kernel.detach(session)
         log.debug("pid %d disconnected", session.pid)
@@ -245,3 +269,35 @@ def listen(path):
             os.unlink(temp)
         raise
     return sock
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class Ticker:
+    """A periodic timerfd (CLOCK_MONOTONIC): readable every `seconds`, read by the loop."""
+
+    def __init__(self, seconds):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        whole, fraction = divmod(seconds, 1)
+        period = _Timespec(int(whole), int(fraction * 1e9))
+        if libc.timerfd_settime(self.fd, 0, ctypes.byref(_Itimerspec(period, period)), None) != 0:
+            os.close(self.fd)
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def consume(self):
+        try:
+            os.read(self.fd, 8)  # the count of expirations: one round of work covers them all
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        os.close(self.fd)

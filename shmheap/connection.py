@@ -118,8 +118,46 @@ class Connection:
             if self.deferred:
                 return self._with_deferred([(op, args)])[0]
             msgid = next(self._ids)
-            (result,) = self._exchange(encode_request(msgid, op, args), (msgid,), False)
+            return self._exchange_one(encode_request(msgid, op, args), msgid)
+
+    def _exchange_one(self, payload, msgid):
+        """_exchange for one request, the common case, with less bookkeeping: send it, read
+        until its reply is in; returns its result or raises its error."""
+        self.requests_sent += 1
+        sock, buffer, view, decoder = self.sock, self._buffer, self._buffer_view, self._decoder
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The daemon may have said why before it closed: the general path reads that.
+            (result,) = self._exchange(None, (msgid,), False, send_error=exc)
             return result
+        try:
+            while True:
+                received = sock.recv_into(buffer)
+                if not received:
+                    raise ProtocolError(WinError.ERROR_GEN_FAILURE, "the daemon closed the connection")
+                frames = decoder.feed(view[:received])
+                if frames:
+                    break
+        except ShmheapError:
+            self.drop()
+            raise
+        except OSError as exc:
+            self.drop()
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+        if len(frames) != 1:
+            raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, "replies the daemon was not asked for")
+        reply_id, error, result, changes = parse_reply(frames[0])
+        if reply_id != msgid:
+            if reply_id == 0 and error:  # refused before any request (foreign uid)
+                raise_for(error, result)
+            self.drop()
+            raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"reply {reply_id} to request {msgid}")
+        if changes:
+            self._apply_access(changes)
+        if error:
+            raise error_for(error, result if isinstance(result, str) else None)
+        return result
 
     def call_many(self, requests, *, return_exceptions=False):
         """Pipeline [(op, args), ...] in one write; returns their results in order. Every
@@ -148,15 +186,17 @@ class Connection:
         payload = b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)])
         return self._exchange(payload, ids, return_exceptions)
 
-    def _exchange(self, payload, ids, return_exceptions):
-        """Send `payload` (the requests numbered `ids`) and read until every reply is in."""
-        self.requests_sent += len(ids)
+    def _exchange(self, payload, ids, return_exceptions, send_error=None):
+        """Send `payload` (the requests numbered `ids`) and read until every reply is in
+        (`send_error`: the send failed already; read what the daemon said before it closed)."""
+        if send_error is None:
+            self.requests_sent += len(ids)
         replies = {}
         access = []  # the exchange's access changes, in order, applied once all replies are in
-        send_error = None
         try:
             try:
-                self.sock.sendall(payload)
+                if send_error is None:
+                    self.sock.sendall(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 send_error = exc  # the daemon may have said why before it closed: read on
             while len(replies) < len(ids):
