@@ -541,8 +541,10 @@ class Heap:
                 elif len(slab.free) == 1:
                     self.partial[cls].append(slab)
         elif address in self.medium:
-            extent = self._extent(self.medium.pop(address))
-            recent = self.recent.setdefault(extent, []) if self.purge_delay and not self.checking else None
+            extent = ((self.medium.pop(address) + 15) & ~15) + self.tail or ALIGN  # _extent, inlined
+            recent = self.recent.get(extent)
+            if recent is None and self.purge_delay and not self.checking:
+                recent = self.recent[extent] = []
             if recent is not None and len(recent) < RECENT_PER_EXTENT and self.recent_bytes + extent <= RECENT_LIMIT:
                 recent.append(address)
                 self.recent_bytes += extent
@@ -570,10 +572,10 @@ class Heap:
             raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
         if self.live == 0 and self.grown:
-            if self.purge_delay:
-                self._purge_later()
-            else:
+            if not self.purge_delay:
                 self._reset_when_empty()
+            elif self.purge_due is None or self.on_purge_due is None:
+                self._purge_later()
 
     # ---- giving pages back ---------------------------------------------------------------
 
@@ -585,12 +587,11 @@ class Heap:
             self._trim(region)
 
     def _purge_later(self):
-        now = time.monotonic()
         if self.purge_due is None:
-            self.purge_due = now + self.purge_delay
+            self.purge_due = time.monotonic() + self.purge_delay
             if self.on_purge_due is not None:
                 self.on_purge_due(self)
-        elif now >= self.purge_due and self.on_purge_due is None:
+        elif self.on_purge_due is None and time.monotonic() >= self.purge_due:
             self.purge()  # nobody purges this heap in the background: its own frees do
 
     def purge(self):

@@ -342,7 +342,10 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
 def HeapAlloc(hHeap, dwFlags, dwBytes):
     flags = dwFlags & _MASK32
     try:
-        heap = _heap(hHeap)
+        client = client_module.current  # _heap, inlined: the hot path
+        heap = client.heaps.get(hHeap & _MASK64) if client is not None else None
+        if heap is None:
+            heap = _heap(hHeap)
         with heap.lock if not (flags | heap.flags) & HEAP_NO_SERIALIZE else _serialized(heap, flags):
             return heap.alloc(dwBytes & _MASK64, flags & HEAP_ZERO_MEMORY)
     except ShmheapError as exc:
@@ -371,7 +374,10 @@ def HeapFree(hHeap, dwFlags, lpMem):
     if address == 0:
         return True  # HF-01: NULL short-circuits before the heap is looked at
     try:
-        heap = _heap(hHeap)
+        client = client_module.current  # _heap, inlined: the hot path
+        heap = client.heaps.get(hHeap & _MASK64) if client is not None else None
+        if heap is None:
+            heap = _heap(hHeap)
         with heap.lock if not (dwFlags | heap.flags) & HEAP_NO_SERIALIZE else _serialized(heap, dwFlags & _MASK32):
             heap.free(address)
         return True

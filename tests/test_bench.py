@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-ROW_KEYS = ["echo", "pipeline", "alloc64k", "heap64", "heap4k", "write4", "view4",
-            # issue 4: sharing between processes
+HEAP_ROWS = [f"heap_{form}_{size}" for size in (16, 64, 1024, 4096, 65536, 262144)
+             for form in ("create", "process", "block", "sized")]
+ROW_KEYS = ["echo", "pipeline", "idle500", "alloc64k", "write4", "view4", *HEAP_ROWS,
             "share4k", "pool_oneshot_pickle", "pool_oneshot_shm", "pool_steady_pickle",
-            "pool_steady_shm", "share_many",
-            "metadata"]
+            "pool_steady_shm", "share_many", "concurrent", "metadata"]
 
 
 def test_bench_quick_writes_positive_figures(tmp_path):
@@ -28,6 +28,11 @@ def test_bench_quick_writes_positive_figures(tmp_path):
     assert "8 MiB to pool" in proc.stdout
     metadata = rows.pop()
     assert metadata["shmheap_bytes"] > 0 and metadata["baseline_bytes"] > 0
+    concurrent = rows.pop()
+    assert concurrent["ops_per_second"] > 0 and concurrent["procs"] == 8
+    for row in rows:
+        if row["key"].startswith("heap_"):
+            assert row["requests"] >= 0 and "daemon requests" in proc.stdout
     for row in rows:
         for field in ("shmheap_us", "shmheap_min_us", "baseline_us", "baseline_min_us", "ratio"):
             assert row[field] > 0, (row["key"], field, row[field])
