@@ -25,11 +25,12 @@ import threading
 
 from . import mapping, segment
 from .connection import CONNECT_TIMEOUT, Connection
-from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, HEAP_NO_SERIALIZE, MEM_COMMIT, MEM_RESERVE,
+from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, HEAP_NO_SERIALIZE, MEM_COMMIT, MEM_RELEASE, MEM_RESERVE,
                         MEMORY_BASIC_INFORMATION, PAGE_READWRITE)
 from .errors import ShmheapError, WinError, raise_for
 from .heap import PURGE_DELAY, SHORT_OF_COMMIT, Heap, heap_layout
 from .mapping import WRITE
+from .segment import PAGE_SIZE, round_down, round_up
 from .moveable import LOCAL, MoveableTable
 from . import private_heap
 from .private_heap import DaemonPages, PrivateHeap
@@ -63,6 +64,7 @@ class Client:
         self.info = None
         self.pid = None
         self.heaps = {}
+        self.regions = {}  # base -> size of the regions this client reserved (VirtualAlloc)
         self.process_heap = None
         self.local_objects = None
         self._heap_names = itertools.count(1)
@@ -94,8 +96,9 @@ class Client:
             self.memory = segment.address_space(info["base"] + info["size"])
         self.info = info
         self.pid = info["pid"]  # as the daemon sees us (SO_PEERCRED)
-        # Heaps belong to the connection that made them: a new connection starts with none.
+        # Heaps and regions belong to the connection that made them: a new one starts with none.
         self.heaps = {}
+        self.regions = {}
         self.process_heap = self._adopt_heap(handle, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0, True)
         self.local_objects = MoveableTable(self.process_heap, LOCAL)  # LocalAlloc's objects
 
@@ -122,6 +125,7 @@ class Client:
         for heap in self.heaps.values():
             heap.abandon()  # so the purger thread leaves it alone too
         self.heaps = {}
+        self.regions = {}
         self.process_heap = None
         self.local_objects = None
 
@@ -143,11 +147,13 @@ class Client:
     def close(self):
         """Close the connection and this client's use of the mapping: once no client of this
         process uses the segment, it is unmapped, and stale pointers into it fault."""
-        if self.connection is not None:
-            self.connection.close()
-        if self.mapping is not None:
-            mapping.release(self.mapping)
-            self.mapping = self.memory = None
+        try:
+            if self.connection is not None:
+                self.connection.close()  # may raise a posted request's error, once closed
+        finally:
+            if self.mapping is not None:
+                mapping.release(self.mapping)
+                self.mapping = self.memory = None
 
     def __enter__(self):
         return self
@@ -176,15 +182,28 @@ class Client:
         """Reserve and/or commit pages (address 0: anywhere); returns the base address.
         Short of commit, this process's heaps give back their freed pages first."""
         try:
-            return self.connection.call("virtual_alloc", address, size, alloc_type, protect)
+            base = self.connection.call("virtual_alloc", address, size, alloc_type, protect)
         except ShmheapError as exc:
             if exc.winerror not in SHORT_OF_COMMIT or not private_heap.purge_now():
                 raise
-        return self.connection.call("virtual_alloc", address, size, alloc_type, protect)
+            base = self.connection.call("virtual_alloc", address, size, alloc_type, protect)
+        if address == 0 and alloc_type & MEM_RESERVE:
+            self.regions[base] = round_up(size, PAGE_SIZE)  # a new region: releasing it cannot fail
+        return base
 
     def virtual_free(self, address, size, free_type):
-        """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0)."""
-        return self.connection.call("virtual_free", address, size, free_type)
+        """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0).
+        Releasing a region this client reserved cannot fail: it is posted (no wait), its
+        pages closed here first."""
+        if free_type == MEM_RELEASE and size == 0 and address in self.regions:
+            end = address + self.regions.pop(address)
+            self.connection.post("virtual_free", address, 0, MEM_RELEASE,
+                                 before=lambda: self.mapping.close(address, end))
+            return True
+        result = self.connection.call("virtual_free", address, size, free_type)
+        if free_type == MEM_RELEASE:
+            self.regions.pop(address, None)
+        return result
 
     def virtual_query(self, address):
         return MEMORY_BASIC_INFORMATION(*self.connection.call("virtual_query", address))
@@ -243,6 +262,14 @@ class Client:
     def global_free(self, handle):
         self.connection.call("global_free", handle)
 
+    def global_free_posted(self, address, size):
+        """GlobalFree of the fixed object of `size` bytes at `address`, posted (no wait; an
+        error is raised by the next call). The pages that hold only this object close here
+        first; the daemon's reply settles the rest."""
+        start, end = round_up(address, PAGE_SIZE), round_down(address + size, PAGE_SIZE)
+        self.connection.post("global_free", address,
+                             before=(lambda: self.mapping.close(start, end)) if end > start else None)
+
     def global_realloc(self, handle, size, flags):
         return self.connection.call("global_realloc", handle, size, flags)
 
@@ -280,8 +307,10 @@ class Client:
             self.connection.call("global_release", pointer, serial)
 
     def global_pin(self, pointer, serial):
-        """Keep a global object for a copy of its SharedBuffer on its way to another process."""
-        self.connection.call("global_pin", pointer, serial)
+        """Keep a global object for a copy of its SharedBuffer on its way to another process.
+        Posted: it reaches the daemon before anything this process sends later (its exit
+        included), so a buffer handed on and then freed or orphaned still waits for the copy."""
+        self.connection.post("global_pin", pointer, serial)
 
     def section_create(self, protect, size, name=None):
         """A named section (or a handle to the existing one of that name): (handle, existed)."""

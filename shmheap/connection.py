@@ -10,6 +10,11 @@ pipelines a batch in one write and one read. Every connection of this process to
 shares that lock: the access changes each reply carries are applied in the order the daemon
 made them, so a process's mapping never goes back to an older state.
 
+`post` sends a request whose answer the caller does not wait for (a free): it goes out at
+once, and its reply is read before the next request is sent (it has usually arrived by
+then), so its access changes are applied in order and its error, if any, is raised by that
+next call, which then sends nothing (or by `close`).
+
 Whoever owns the connection may send requests of its own with the handshake (the client
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
 `on_open(info, results)` receives the daemon's hello and their results. `on_drop()` is told
@@ -63,6 +68,8 @@ class Connection:
         self._apply_access = on_access or (lambda changes: None)
         self.info = None  # the daemon's hello reply
         self.requests_sent = 0  # every request this connection has sent, the handshake's too
+        self.posted = []  # msgids of posted requests whose replies are still to be read
+        self._posted_errors_matter = set()  # of those, the ones posted by `post` itself
         self.closed = False
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
         # with the next call, in its write.
@@ -110,11 +117,49 @@ class Connection:
         from a finalizer: it only appends."""
         self.deferred.append((op, args))
 
+    def post(self, op, *args, before=None):
+        """Send (op, args) now and return at once; its reply is read before the next request
+        goes out. `before()` runs first under the lock (a mapping closing what the request
+        gives up, in order with every reply's access changes)."""
+        with self._lock:
+            if self.sock is None:
+                self._open()
+            if before is not None:
+                before()
+            requests = self.deferred + [(op, args)]
+            self.deferred = []
+            ids = [next(self._ids) for _ in requests]
+            payload = b"".join([encode_request(i, o, a) for i, (o, a) in zip(ids, requests)])
+            try:
+                self.sock.sendall(payload)
+            except OSError as exc:
+                self.drop()
+                raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+            self.requests_sent += len(ids)
+            self.posted += ids
+            self._posted_errors_matter.add(ids[-1])
+
+    def _collect_posted(self):
+        """Under the lock: read the posted requests' replies; raise the first error of one
+        posted by `post` (a deferred request's is dropped)."""
+        ids, self.posted = self.posted, []
+        results = self._exchange(None, ids, True)
+        first = None
+        for msgid, result in zip(ids, results):
+            if msgid in self._posted_errors_matter:
+                self._posted_errors_matter.discard(msgid)
+                if first is None and isinstance(result, ShmheapError):
+                    first = result
+        if first is not None:
+            raise first
+
     def call(self, op, *args):
         """One request; returns its result or raises the exception for its Win32 error."""
         with self._lock:
             if self.sock is None:
                 self._open()
+            if self.posted:
+                self._collect_posted()
             if self.deferred:
                 return self._with_deferred([(op, args)])[0]
             msgid = next(self._ids)
@@ -166,6 +211,8 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
+            if self.posted:
+                self._collect_posted()
             if self.deferred:
                 return self._with_deferred(requests, return_exceptions)
             return self._roundtrip(requests, return_exceptions)
@@ -189,13 +236,13 @@ class Connection:
     def _exchange(self, payload, ids, return_exceptions, send_error=None):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in
         (`send_error`: the send failed already; read what the daemon said before it closed)."""
-        if send_error is None:
+        if payload is not None and send_error is None:
             self.requests_sent += len(ids)
         replies = {}
         access = []  # the exchange's access changes, in order, applied once all replies are in
         try:
             try:
-                if send_error is None:
+                if payload is not None and send_error is None:
                     self.sock.sendall(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 send_error = exc  # the daemon may have said why before it closed: read on
@@ -236,6 +283,8 @@ class Connection:
         """Close the socket; the next call opens a new one (unless closed). Deferred
         requests go too: what they let go of went with the connection."""
         self.deferred = []
+        self.posted = []
+        self._posted_errors_matter.clear()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -243,9 +292,15 @@ class Connection:
                 self.on_drop()
 
     def close(self):
-        self.closed = True
-        self.drop()
-        _connections.discard(self)
+        """Close; a posted request's error not yet raised is raised here, after closing."""
+        try:
+            with self._lock:
+                if self.posted and self.sock is not None:
+                    self._collect_posted()
+        finally:
+            self.closed = True
+            self.drop()
+            _connections.discard(self)
 
     def _after_fork_in_child(self):
         # The inherited socket is the parent's conversation: close our copy of the descriptor

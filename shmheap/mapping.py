@@ -84,6 +84,13 @@ class Mapping(Runs):
             return self.values[i]
         return min(prot for _, _, prot in self.runs(first, last))
 
+    def close(self, start, end):
+        """No access to the pages of [start, end) (page-aligned) from now on: what this
+        process gives up by a request it does not wait for (Connection.post)."""
+        self.set_pages((start - self.base) >> PAGE_SHIFT, (end - self.base) >> PAGE_SHIFT, NONE)
+        segment.protect(start, end - start, NONE)
+        self.last_run = (0, 0, NONE)
+
     def close_all(self):
         """No access to anything (a forked child starts so)."""
         segment.protect(self.base, self.size, NONE)

@@ -51,9 +51,11 @@ class SharedBuffer:
 
     def free(self):
         """GlobalFree: this process lets go, and no call can use the buffer any more; its
-        memory goes once no other process holds it. Raises ShmheapError if it was freed
-        already (ShmheapValueError, ERROR_INVALID_HANDLE)."""
-        self.client.global_free(self.address)
+        memory goes once no other process holds it. It does not wait for the daemon: this
+        process's access to the buffer's own pages ends at once, and an error (freed
+        already: ShmheapValueError, ERROR_INVALID_HANDLE) is raised by the client's next
+        call, or its close."""
+        self.client.global_free_posted(self.address, self.size)
 
     def __enter__(self):
         return self

@@ -93,10 +93,24 @@ def test_buffers_die_with_their_producer_unless_kept(daemon, client):
     assert client.global_size(kept.address) == 4096
     assert bytes(kept.view()[:4]) == b"stay"
     kept.free()  # any process may free a kept buffer
+    kept.free()  # free() does not wait: the error of freeing twice comes with the next call
     with pytest.raises(shmheap.ShmheapError) as info:
-        kept.free()  # a freed fixed object is no object: an invalid handle, or (once its
+        kept.client.echo(0)  # a freed fixed object is no object: an invalid handle, or (once its
     assert info.value.winerror in (WinError.ERROR_INVALID_HANDLE, WinError.ERROR_NOACCESS)  # pages went) no memory
+    assert kept.client.echo(1) == 1  # raised once; the request that carried it was not sent
     client.check()
+
+
+def test_a_free_does_not_wait_and_its_error_reaches_close(daemon):
+    client = shmheap.connect(daemon.socket, autostart=False)
+    buffer = client.share(4096)
+    sent = client.requests_sent
+    buffer.free()
+    assert client.requests_sent == sent + 1
+    buffer.free()
+    with pytest.raises(shmheap.ShmheapValueError):
+        client.close()
+    assert client.closed
 
 
 def test_batch_allocation_is_one_round_trip_and_all_or_nothing(client):
