@@ -41,6 +41,7 @@ import weakref
 from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
 from .protocol import Decoder, encode_request, hello_request, parse_reply
 
+DEFER_SECONDS = 0.5  # a deferred request waits at most about this long for a call to carry it
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
@@ -55,6 +56,7 @@ def _round_trip_lock(path):
 
 class Connection:
     sock = None  # a half-built connection is safe to close
+    deferred_seen = False  # the flusher saw deferred requests waiting on its last round
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
                  on_open=None, on_drop=None, on_access=None):
@@ -91,6 +93,7 @@ class Connection:
         if self.closed:
             raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "connection is closed")
         self.sock = _open_socket(self.path, self.autostart and self.info is None, self.timeout)
+        _flusher.start()
         self._decoder = Decoder()
         handshake_access = []  # applied once the hello is known to be our daemon's
         self._apply_access = handshake_access.extend
@@ -113,9 +116,22 @@ class Connection:
             raise
 
     def defer(self, op, *args):
-        """Send (op, args) with the next call; its answer and any error are dropped. Safe
-        from a finalizer: it only appends."""
+        """Send (op, args) with the next call, or within about DEFER_SECONDS if no call comes
+        (the flusher thread); its answer and any error are dropped. Safe from a finalizer:
+        it only appends."""
         self.deferred.append((op, args))
+
+    def flush_deferred(self):
+        """Send the deferred requests now, unless a call is under way (it carries them)."""
+        if not self.deferred or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self.deferred and self.sock is not None:
+                self._send_posted([])  # their replies are read with the next call
+        except ShmheapError:
+            pass  # the connection went, and what they let go of with it
+        finally:
+            self._lock.release()
 
     def post(self, op, *args, before=None):
         """Send (op, args) now and return at once; its reply is read before the next request
@@ -126,18 +142,23 @@ class Connection:
                 self._open()
             if before is not None:
                 before()
-            requests = self.deferred + [(op, args)]
-            self.deferred = []
-            ids = [next(self._ids) for _ in requests]
-            payload = b"".join([encode_request(i, o, a) for i, (o, a) in zip(ids, requests)])
-            try:
-                self.sock.sendall(payload)
-            except OSError as exc:
-                self.drop()
-                raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
-            self.requests_sent += len(ids)
-            self.posted += ids
-            self._posted_errors_matter.add(ids[-1])
+            self._posted_errors_matter.add(self._send_posted([(op, args)]))
+
+    def _send_posted(self, requests):
+        """Under the lock: write the deferred requests and `requests` now, reading no reply;
+        returns the last one's msgid."""
+        requests = self.deferred + requests
+        self.deferred = []
+        ids = [next(self._ids) for _ in requests]
+        payload = b"".join([encode_request(i, o, a) for i, (o, a) in zip(ids, requests)])
+        try:
+            self.sock.sendall(payload)
+        except OSError as exc:
+            self.drop()
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+        self.requests_sent += len(ids)
+        self.posted += ids
+        return ids[-1]
 
     def _collect_posted(self):
         """Under the lock: read the posted requests' replies; raise the first error of one
@@ -343,7 +364,47 @@ def _start_daemon(path):
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
+class _Flusher:
+    """One thread per process that sends connections' deferred requests when no call has
+    carried them for a while (a process that drops its last view of a SharedBuffer and then
+    idles lets go of it within about DEFER_SECONDS). It only polls, so `defer` needs no lock
+    and stays safe from a finalizer; it runs while connections exist."""
+
+    def __init__(self):
+        self.thread = None
+        self.guard = threading.Lock()
+
+    def start(self):
+        with self.guard:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="shmheap flusher", daemon=True)
+                self.thread.start()
+
+    def _run(self):
+        while True:
+            time.sleep(DEFER_SECONDS / 2)
+            connections = list(_connections)
+            if not connections:
+                with self.guard:
+                    if not _connections:
+                        self.thread = None
+                        return
+            for connection in connections:
+                if connection.deferred:
+                    # Seen twice in a row (or the first round): it has waited long enough.
+                    if connection.deferred_seen:
+                        connection.flush_deferred()
+                    connection.deferred_seen = bool(connection.deferred)
+                else:
+                    connection.deferred_seen = False
+
+
+_flusher = _Flusher()
+
+
 def _after_fork_in_child():
+    global _flusher
+    _flusher = _Flusher()  # the thread did not come along
     _round_trip_locks.clear()  # a lock another thread held at the fork stays held in the copy
     for connection in list(_connections):
         connection._after_fork_in_child()

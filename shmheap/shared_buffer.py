@@ -4,10 +4,11 @@ Lifetime, as users of Ray's object store expect: a buffer lives while some proce
 The process that creates it holds it (and owns it: it dies with that process unless made
 with keep=True); a process that unpickles it holds it too. A process's hold lasts until its
 SharedBuffer object and every view or numpy array over it are gone (then the hold goes with
-its next call), or until it exits. `free()` lets go of this process's hold and frees the buffer for everyone else's
-calls; its memory stays, unmoved and unreused, for the processes still holding it. Pickling
-pins the buffer for the copy on its way (for 60 s), so a buffer a worker creates and returns
-outlives the worker. A pickled buffer whose memory is really gone is refused
+its next call, or within about a second if it makes none), or until it exits. `free()` lets
+go of this process's hold and frees the buffer for everyone else's calls, without waiting
+for the daemon; its memory stays, unmoved and unreused, for the processes still holding it.
+Pickling pins the buffer for the copy on its way (for 60 s), so a buffer a worker creates and
+returns outlives the worker. A pickled buffer whose memory is really gone is refused
 (ShmheapValueError, ERROR_INVALID_HANDLE), never taken for a newer one.
 """
 
@@ -28,7 +29,7 @@ class SharedBuffer:
         self.serial = serial  # the object's number: a newer one at this address is another
         self.owner = owner  # made by this process (a received copy is not the owner)
         # This process's hold goes with the object (and every view over it): with its next
-        # call. The creator's object stays allocated, owned, until freed or its process exits.
+        # call, or the flusher's. The creator's object stays allocated, owned, until freed or its process exits.
         weakref.finalize(self, client.global_release, address, serial, later=True)
 
     @property

@@ -248,3 +248,29 @@ def test_a_stale_pickled_buffer_is_refused_never_aliased(daemon, client):
         pickle.loads(data)  # never taken for a newer object at the same address
     client.free_many(newer)
     client.check()
+
+
+def _drop_and_idle(socket_path, data, conn):
+    buffer = pickle.loads(data)  # attached: this process holds the buffer
+    conn.send(bytes(buffer.view()[:4]))
+    del buffer  # its hold goes with its next call; none comes, so the flusher sends it
+    gc.collect()
+    conn.recv()  # idle until told (a deadline is the parent's)
+
+
+def test_an_idle_process_lets_go_of_a_buffer_it_dropped(daemon, client):
+    buffer = client.share(4096)
+    buffer.view()[:4] = b"idle"
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_drop_and_idle, args=(daemon.socket, pickle.dumps(buffer), child_end))
+    child.start()
+    try:
+        assert receive(parent_end, timeout=60) == b"idle"
+        buffer.free()  # the child still held it when it dropped it: doomed, not gone
+        wait_until(lambda: client.status()["global_objects"] == 0, timeout=10,
+                   what="the idle child's hold to go, and the buffer with it")
+        assert child.is_alive()  # it went while the child idled, not when it exited
+    finally:
+        parent_end.send("done")
+        child.join(30)
+    client.check()
