@@ -71,6 +71,7 @@ DECOMMIT_SLACK = 2 * COMMIT_STEP  # kept free at a region's top by an immediate 
 RECENT_LIMIT = 2 * 2**20  # bytes of freed medium blocks a heap keeps on its `recent` lists
 RECENT_PER_EXTENT = 8
 PURGE_DELAY = 1.0  # seconds a client heap keeps freed pages before giving them back
+PURGE_REPRIEVES = 10  # a heap in use puts its purge off this many delays at most
 MIN_COMMIT = 0x400 * 8  # a new heap commits at least this (HW-01: dwCommittedSize 0x2000)
 FIRST_EXTENSION = 0x100000  # growable heaps add regions of 1 MiB, doubling (HC-08)
 MAX_EXTENSION = 0xFD0000
@@ -220,6 +221,9 @@ class Heap:
         self.large_cache = {}  # region base -> committed bytes
         self.purge_delay = purge_delay
         self.purge_due = None  # monotonic time of the next purge, if a free left pages to give back
+        self.allocations = 0  # blocks ever allocated: tells a heap in use from an idle one
+        self.purge_mark = 0  # `allocations` when the purge was last put off or scheduled
+        self.reprieves = 0
         self.on_purge_due = on_purge_due  # (heap) -> None, told when a purge is first due
         self.on_short_of_commit = on_short_of_commit  # (heap) -> True if other heaps gave back
         self.purging = False  # a purger thread is at work on the heap, or about to be
@@ -454,6 +458,7 @@ class Heap:
         else:
             raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         self.live += 1
+        self.allocations += 1
         if zero:
             self._fill(address, size, 0)
         if self.tail and size <= LARGE_THRESHOLD:
@@ -589,16 +594,30 @@ class Heap:
     def _purge_later(self):
         if self.purge_due is None:
             self.purge_due = time.monotonic() + self.purge_delay
+            self.purge_mark = self.allocations
             if self.on_purge_due is not None:
                 self.on_purge_due(self)
         elif self.on_purge_due is None and time.monotonic() >= self.purge_due:
-            self.purge()  # nobody purges this heap in the background: its own frees do
+            self.purge_when_idle()  # nobody purges this heap in the background: its frees do
+
+    def purge_when_idle(self):
+        """The purge, when it is due: run it if the heap allocated nothing since it was
+        scheduled; else put it off one more delay (a loop in progress would take the pages
+        right back), but not more than PURGE_REPRIEVES times in a row. True if it ran."""
+        if self.allocations != self.purge_mark and self.reprieves < PURGE_REPRIEVES:
+            self.reprieves += 1
+            self.purge_mark = self.allocations
+            self.purge_due = time.monotonic() + self.purge_delay
+            return False
+        self.purge()
+        return True
 
     def purge(self):
         """Give back now what frees left committed: cached large regions, empty slabs, the
         free top of every region (no slack kept), empty extension regions; an empty heap goes
         back to its starting commit."""
         self.purge_due = None
+        self.reprieves = 0
         self.flush_large_cache()
         self._flush_recent()
         if self.live == 0:

@@ -49,21 +49,18 @@ class Mapping(Runs):
 
     def apply(self, changes):
         """Make the daemon's access changes true: [[address, length, prot], ...], in order.
-        The runs take them all first; then each changed range gets its final protection, so
-        a batch that closes and reopens the same pages (a hold let go, then taken again)
-        costs no page-table walk."""
-        ranges = []
+        The runs take them all first; then only the pages whose protection differs from
+        what it was before the batch are given it, so a batch that closes and reopens the
+        same pages (a hold let go, then taken again), or that says what is true already (a
+        close this process made itself), costs no page-table walk."""
+        ranges = sorted({((address - self.base) >> PAGE_SHIFT, (address - self.base + length) >> PAGE_SHIFT)
+                         for address, length, _ in changes})
+        before = [list(self.runs(first, last)) for first, last in ranges]
         for address, length, prot in changes:
             first = (address - self.base) >> PAGE_SHIFT
-            last = first + (length >> PAGE_SHIFT)
-            self.set_pages(first, last, prot)
-            ranges.append((first, last))
-        done = set()
-        for first, last in ranges:
-            if (first, last) in done:
-                continue
-            done.add((first, last))
-            for start, stop, prot in self.runs(first, last):
+            self.set_pages(first, first + (length >> PAGE_SHIFT), prot)
+        for (first, last), old in zip(ranges, before):
+            for start, stop, prot in _differences(old, list(self.runs(first, last))):
                 segment.protect(self.base + (start << PAGE_SHIFT), (stop - start) << PAGE_SHIFT, prot)
         self.last_run = (0, 0, NONE)
 
@@ -96,6 +93,25 @@ class Mapping(Runs):
         segment.protect(self.base, self.size, NONE)
         self.starts, self.values = [0], [NONE]
         self.last_run = (0, 0, NONE)
+
+
+def _differences(old, new):
+    """The runs of `new` (start, stop, value) over the pages where its value differs from
+    `old`'s; both cover the same pages, in order."""
+    out = []
+    i = 0
+    for start, stop, value in new:
+        while start < stop:
+            while old[i][1] <= start:
+                i += 1
+            end = min(stop, old[i][1])
+            if old[i][2] != value:
+                if out and out[-1][1] == start and out[-1][2] == value:
+                    out[-1] = (out[-1][0], end, value)
+                else:
+                    out.append((start, end, value))
+            start = end
+    return out
 
 
 def acquire(name, base, size):

@@ -165,7 +165,7 @@ class Purger:
         caller holds) whose lock is free; True if any was purged."""
         with self.wakeup:
             due = [heap for heap in self.heaps if heap is not besides and heap.purge_due is not None]
-        return sum(self._purge(heap) and heap.purge_due is None for heap in due) > 0
+        return sum(self._purge(heap, force=True) and heap.purge_due is None for heap in due) > 0
 
     def _run(self):
         while True:
@@ -184,7 +184,7 @@ class Purger:
             time.sleep(0.01)  # heaps whose lock was taken: try again shortly, not at once
 
     @staticmethod
-    def _purge(heap):
+    def _purge(heap, force=False):
         """Purge `heap` unless a thread holds its lock or a HEAP_NO_SERIALIZE call is under
         way (say `purging` first, then look: see win32._unless_held); True if it needs no
         more of this round."""
@@ -194,7 +194,10 @@ class Purger:
                 return False
             try:
                 if heap.alive and heap.purge_due is not None:
-                    heap.purge()
+                    if force:
+                        heap.purge()
+                    else:
+                        heap.purge_when_idle()
             except ShmheapError:
                 pass  # the connection went: the heap went with it (Client._on_drop)
             finally:

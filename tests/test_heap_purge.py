@@ -46,6 +46,18 @@ def test_a_steady_alloc_free_loop_sends_the_daemon_nothing(win32, size):
         assert client.requests_sent == before, f"{name}, {size} B: the loop asked the daemon"
 
 
+def test_a_loop_that_outlasts_the_delay_still_sends_nothing(win32):
+    client = shmheap.default_client()
+    heap = win32.HeapCreate(0, 0, 0)
+    win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, 64 * KiB))  # grows once; a purge is due
+    before = client.requests_sent
+    deadline = time.monotonic() + 1.5 * PURGE_DELAY
+    while time.monotonic() < deadline:  # in use: the purge is put off, not run under the loop
+        win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, 64 * KiB))
+        time.sleep(0.005)  # the heap's lock is free most of the time: the purger could run
+    assert client.requests_sent == before
+
+
 def test_a_one_page_slab_fits_a_heap_with_one_free_page(win32):
     heap = win32.HeapCreate(0, 0, 0)
     allocator = shmheap.default_client().heaps[heap]
