@@ -154,8 +154,7 @@ class Connection:
         try:
             self.sock.sendall(payload)
         except OSError as exc:
-            self.drop()
-            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+            raise self._lost(exc) from exc
         self.requests_sent += len(ids)
         self.posted += ids
         return ids[-1]
@@ -209,8 +208,7 @@ class Connection:
             self.drop()
             raise
         except OSError as exc:
-            self.drop()
-            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+            raise self._lost(exc) from exc
         if len(frames) != 1:
             raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, "replies the daemon was not asked for")
         reply_id, error, result, changes = parse_reply(frames[0])
@@ -285,8 +283,7 @@ class Connection:
             self.drop()
             raise
         except OSError as exc:
-            self.drop()
-            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}") from exc
+            raise self._lost(exc) from exc
         if access:
             self._apply_access(access)
         results = [replies[msgid] for msgid in ids]
@@ -295,6 +292,11 @@ class Connection:
                 if isinstance(result, ShmheapError):
                     raise result
         return results
+
+    def _lost(self, exc):
+        """The socket failed (`exc`): drop it; returns the error to raise."""
+        self.drop()
+        return ProtocolError(WinError.ERROR_GEN_FAILURE, f"connection to the daemon lost: {exc}")
 
     @property
     def is_open(self):

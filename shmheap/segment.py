@@ -20,6 +20,12 @@ Glossary (each term is used in this one sense across shmheap):
               (its address if fixed, a stamped table slot if moveable), a section.
     owner     who a region or object belongs to: a process (by pid) or the system (0).
     commit    backing pages with memory (posix_fallocate); decommit gives it back (MADV_REMOVE).
+    purge     a heap giving back, a delay after the frees that left them, the pages it keeps
+              committed for reuse (shmheap/heap.py).
+    hold      a process's claim on a global object it allocated, attached or locked: what it
+              may touch, and what keeps the object's memory (daemon/handles.py).
+    post      to send a request without waiting for its reply, which the next call reads
+              (shmheap/connection.py); a deferred request waits for a later write instead.
 
 Layout: the first 64 KiB are the header below and are never handed out, so no valid address
 is below base + HEADER_SIZE. The rest is sparse: only committed pages cost memory.
