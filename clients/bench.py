@@ -559,27 +559,30 @@ def _size_label(size):
 
 
 def _heap_forms(client):
-    """form key -> pair(size) factories over heaps made the way users make them."""
+    """form key -> (pair(size) factory, the heap's page source) over heaps made the way
+    users make them; the page source counts the daemon requests made for its heap."""
     created, sized = win32.HeapCreate(0, 0, 0), win32.HeapCreate(0, 1 << 20, 0)
     process = win32.GetProcessHeap()
     named = client.create_heap("bench")
 
     def facade(heap):
-        return lambda size: lambda: win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, size))
+        return (lambda size: lambda: win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, size)),
+                client.heaps[heap].source)
 
     def block_pair(size):
         return lambda: named.alloc(size).free()
-    return {"create": facade(created), "process": facade(process), "block": block_pair,
-            "sized": facade(sized)}
+    return {"create": facade(created), "process": facade(process),
+            "block": (block_pair, client.heaps[named.handle].source), "sized": facade(sized)}
 
 
-def _heap_row(client, pair, size, n, batches):
-    """One default-heap row, with the daemon requests its timed loops sent (none is the goal)."""
+def _heap_row(pair, source, size, n, batches):
+    """One default-heap row, with the daemon requests its timed loops sent for the heap
+    (none is the goal)."""
     ours, theirs = _per_op(pair, n), _per_op(_buffer_wrapper_pair(size), n)
     ours()  # the warm-up: the first pair may commit
-    before = client.requests_sent
+    before = source.requests
     row = _compare(ours, theirs, batches)
-    row["requests"] = client.requests_sent - before
+    row["requests"] = source.requests - before
     return row
 
 
@@ -704,7 +707,8 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
         forms = _heap_forms(client)
         for size in HEAP_SIZES:
             for form, _ in HEAP_FORMS:
-                yield f"heap_{form}_{size}", _heap_row(client, forms[form](size), size, heap_n, batches)
+                make_pair, source = forms[form]
+                yield f"heap_{form}_{size}", _heap_row(make_pair(size), source, size, heap_n, batches)
 
         # Sharing between processes. The children are started here and waited for by the
         # warm-up batch (their start-up is never timed), and stopped before the daemon is.

@@ -89,7 +89,8 @@ class GlobalMemory:
         self.pagetable = pagetable
         self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit,
                          large_cache_limit=LARGE_CACHE_LIMIT)
-        self.cached_since = None
+        self.cached_since = None  # since when the large cache has sat unused
+        self.cache_uses_seen = 0
         self.table = MoveableTable(self.heap, GLOBAL, stamped=True)
         self.owners = {}  # object (moveable handle or fixed pointer) -> pid; shared ones absent
         self.holds = {}  # object -> {pid: count}: allocations and attachments
@@ -408,8 +409,9 @@ class GlobalMemory:
         if not self.heap.large_cache:
             self.cached_since = None
         else:
-            if self.cached_since is None:
-                self.cached_since = now
+            if self.cached_since is None or self.heap.large_cache_uses != self.cache_uses_seen:
+                self.cached_since = now  # unused since now: a cache in use is kept
+                self.cache_uses_seen = self.heap.large_cache_uses
             if now - self.cached_since >= LARGE_CACHE_SECONDS:
                 self.release_cache()
             else:

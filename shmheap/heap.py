@@ -219,6 +219,7 @@ class Heap:
         # arrays then reuses pages that are already backed and mapped.
         self.large_cache_limit = large_cache_limit
         self.large_cache = {}  # region base -> committed bytes
+        self.large_cache_uses = 0  # regions put in or taken out, ever: tells a cache in use
         self.purge_delay = purge_delay
         self.purge_due = None  # monotonic time of the next purge, if a free left pages to give back
         self.allocations = 0  # blocks ever allocated: tells a heap in use from an idle one
@@ -494,6 +495,7 @@ class Heap:
         for base, kept in self.large_cache.items():
             if reserve <= kept <= 2 * reserve:  # reuse, wasting at most half
                 del self.large_cache[base]
+                self.large_cache_uses += 1
                 if kept > reserve:
                     self.source.decommit(base + reserve, kept - reserve)
                 self.large[base] = size
@@ -571,6 +573,7 @@ class Heap:
                     del self.large_cache[oldest]
                     self.source.release(oldest)
                 self.large_cache[address] = kept
+                self.large_cache_uses += 1
             else:
                 self.source.release(address)
         else:

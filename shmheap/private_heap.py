@@ -26,17 +26,22 @@ class DaemonPages(PageSource):
         self.client = client
         self.handle = handle
         self.memory = client.memory
+        self.requests = 0  # sent for this heap: a steady alloc/free loop sends none
 
     def reserve(self, size):
+        self.requests += 1
         return self.client.heap_extend(self.handle, size)
 
     def commit(self, address, size):
+        self.requests += 1
         self.client.heap_commit(self.handle, address, size)
 
     def decommit(self, address, size):
+        self.requests += 1
         self.client.heap_decommit(self.handle, address, size)
 
     def release(self, base):
+        self.requests += 1
         self.client.heap_release(self.handle, base)
 
 

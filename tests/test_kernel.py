@@ -108,6 +108,27 @@ def test_commit_pressure_reclaims_the_global_cache(kernel):
     kernel.check()
 
 
+def test_housekeeping_keeps_a_cache_in_use_however_long(kernel):
+    attach(kernel)
+    ops = kernel.ops
+    first = ops["global_alloc"](PID, 0, 4 * MiB)
+    second = ops["global_alloc"](PID, 0, 4 * MiB)
+    ops["global_free"](PID, first)  # one region always waits in the cache while the other works
+    now = 100.0
+    for _ in range(10):  # a pool's buffers taking turns, for longer than the cache's timeout
+        kernel.housekeeping(now)
+        assert kernel.global_memory.heap.large_cache, "a cache in use was released"
+        now += LARGE_CACHE_SECONDS / 2
+        taken = ops["global_alloc"](PID, 0, 4 * MiB)
+        assert taken == first  # the cached region, still there
+        ops["global_free"](PID, second)
+        first, second = second, taken
+    kernel.housekeeping(now)
+    kernel.housekeeping(now + LARGE_CACHE_SECONDS)  # unused for the timeout: released now
+    assert not kernel.global_memory.heap.large_cache
+    kernel.check()
+
+
 def test_housekeeping_releases_an_unused_cache(kernel):
     attach(kernel)
     big = kernel.ops["global_alloc"](PID, 0, 4 * MiB)
