@@ -565,7 +565,8 @@ class Heap:
         elif address in self.large:
             kept = _large_pages(self.large.pop(address))
             if kept <= self.large_cache_limit:
-                self._purge_later()
+                if self.purge_delay:
+                    self._purge_later()  # a client heap's cache goes at its purge (the daemon's: by time)
                 # Keep the latest few, within the limit: a buffer is often freed while the next
                 # is in use (a worker still holds the last one), so two take turns.
                 while self.large_cache and sum(self.large_cache.values()) + kept > self.large_cache_limit:

@@ -129,6 +129,16 @@ def test_housekeeping_keeps_a_cache_in_use_however_long(kernel):
     kernel.check()
 
 
+def test_the_global_heap_keeps_several_freed_large_regions(kernel):
+    attach(kernel)
+    ops = kernel.ops
+    regions = [ops["global_alloc"](PID, 0, 2 * MiB) for _ in range(3)]
+    for region in regions:
+        ops["global_free"](PID, region)
+    assert sorted(kernel.global_memory.heap.large_cache) == sorted(regions)  # none given back yet
+    kernel.check()
+
+
 def test_housekeeping_releases_an_unused_cache(kernel):
     attach(kernel)
     big = kernel.ops["global_alloc"](PID, 0, 4 * MiB)
