@@ -41,7 +41,10 @@ import weakref
 from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
 from .protocol import Decoder, encode_request, hello_request, parse_reply
 
-DEFER_SECONDS = 0.5  # a deferred request waits at most about this long for a call to carry it
+# A deferred request waits at most about this long for a call to carry it. Not much less: a
+# pool that hands a worker the same buffer again within it pays no page-table walk in the
+# worker (the release and the new hold travel together and cancel out).
+DEFER_SECONDS = 2.0
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024

@@ -4,7 +4,7 @@ Lifetime, as users of Ray's object store expect: a buffer lives while some proce
 The process that creates it holds it (and owns it: it dies with that process unless made
 with keep=True); a process that unpickles it holds it too. A process's hold lasts until its
 SharedBuffer object and every view or numpy array over it are gone (then the hold goes with
-its next call, or within about a second if it makes none), or until it exits. `free()` lets
+its next call, or within about two seconds if it makes none), or until it exits. `free()` lets
 go of this process's hold and frees the buffer for everyone else's calls, without waiting
 for the daemon; its memory stays, unmoved and unreused, for the processes still holding it.
 Pickling pins the buffer for the copy on its way (for 60 s), so a buffer a worker creates and
