@@ -94,7 +94,10 @@ class Server:
     def _on_tick(self, tick):
         tick.consume()
         now = time.monotonic()
-        self.kernel.housekeeping(now)
+        try:
+            self.kernel.housekeeping(now)
+        except Exception:  # a bug in time-driven work must not take the daemon down
+            log.exception("housekeeping failed")
         if self.live:
             self.idle_since = now
             self.kept_said = False
