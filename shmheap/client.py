@@ -197,7 +197,7 @@ class Client:
         pages closed here first."""
         if free_type == MEM_RELEASE and size == 0 and address in self.regions:
             end = address + self.regions.pop(address)
-            self.connection.post("virtual_free", address, 0, MEM_RELEASE,
+            self.connection.post("virtual_free", address, 0, MEM_RELEASE, can_fail=False,
                                  before=lambda: self.mapping.close(address, end))
             return True
         result = self.connection.call("virtual_free", address, size, free_type)

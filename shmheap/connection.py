@@ -13,7 +13,8 @@ made them, so a process's mapping never goes back to an older state.
 `post` sends a request whose answer the caller does not wait for (a free): it goes out at
 once, and its reply is read before the next request is sent (it has usually arrived by
 then), so its access changes are applied in order and its error, if any, is raised by that
-next call, which then sends nothing (or by `close`).
+next call, which then sends nothing (or by `close`). A posted request that cannot fail (a
+region this client reserved, released) is read with the next reply instead: one wait.
 
 Whoever owns the connection may send requests of its own with the handshake (the client
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
@@ -136,16 +137,19 @@ class Connection:
         finally:
             self._lock.release()
 
-    def post(self, op, *args, before=None):
-        """Send (op, args) now and return at once; its reply is read before the next request
-        goes out. `before()` runs first under the lock (a mapping closing what the request
-        gives up, in order with every reply's access changes)."""
+    def post(self, op, *args, before=None, can_fail=True):
+        """Send (op, args) now and return at once. If it `can_fail`, its reply is read before
+        the next request goes out, which raises its error; else it is read with the next
+        reply (one wait for both). `before()` runs first under the lock (a mapping closing
+        what the request gives up, in order with every reply's access changes)."""
         with self._lock:
             if self.sock is None:
                 self._open()
             if before is not None:
                 before()
-            self._posted_errors_matter.add(self._send_posted([(op, args)]))
+            msgid = self._send_posted([(op, args)])
+            if can_fail:
+                self._posted_errors_matter.add(msgid)
 
     def _send_posted(self, requests):
         """Under the lock: write the deferred requests and `requests` now, reading no reply;
@@ -181,11 +185,13 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
-            if self.posted:
-                self._collect_posted()
+            if self._posted_errors_matter:
+                self._collect_posted()  # its error, if any, is this call's: before we send
             if self.deferred:
                 return self._with_deferred([(op, args)])[0]
             msgid = next(self._ids)
+            if self.posted:  # replies that cannot fail: read with this one, one wait for all
+                return self._exchange(encode_request(msgid, op, args), (msgid,), False)[0]
             return self._exchange_one(encode_request(msgid, op, args), msgid)
 
     def _exchange_one(self, payload, msgid):
@@ -233,7 +239,7 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
-            if self.posted:
+            if self._posted_errors_matter:
                 self._collect_posted()
             if self.deferred:
                 return self._with_deferred(requests, return_exceptions)
@@ -257,10 +263,16 @@ class Connection:
 
     def _exchange(self, payload, ids, return_exceptions, send_error=None):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in
-        (`send_error`: the send failed already; read what the daemon said before it closed)."""
+        (`send_error`: the send failed already; read what the daemon said before it closed).
+        The replies of posted requests whose errors do not matter come first: read here too."""
         if payload is not None and send_error is None:
             self.requests_sent += len(ids)
         replies = {}
+        if self.posted and payload is not None:  # only ones that cannot fail (see `call`)
+            ids = [*self.posted, *ids]
+            skipped, self.posted = len(self.posted), []
+        else:
+            skipped = 0
         access = []  # the exchange's access changes, in order, applied once all replies are in
         try:
             try:
@@ -289,7 +301,7 @@ class Connection:
             raise self._lost(exc) from exc
         if access:
             self._apply_access(access)
-        results = [replies[msgid] for msgid in ids]
+        results = [replies[msgid] for msgid in ids[skipped:]]
         if not return_exceptions:
             for result in results:
                 if isinstance(result, ShmheapError):
