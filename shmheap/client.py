@@ -466,11 +466,7 @@ def _after_fork_in_child():
     # inherited socket (on_drop).
     global _default_lock, _process_heaps
     _default_lock = threading.Lock()
-    # Freed large blocks of a private heap (up to this many bytes) stay for the next one until the
-# purge: a loop over big buffers reuses pages already committed and mapped.
-LARGE_CACHE_LIMIT = 32 * 2**20
-
-_process_heaps = itertools.count()
+    _process_heaps = itertools.count()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -30,6 +30,7 @@ never by starting a daemon: a client whose daemon died gets errors, not a silent
 (the generation in the hello tells a restarted daemon from the one we knew).
 """
 
+import contextlib
 import itertools
 import os
 import socket
@@ -51,6 +52,19 @@ CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
 
 _connections = weakref.WeakSet()
+_unsettled = {}  # daemon socket path -> connections with posted replies still unread
+_thread_state = threading.local()
+
+
+@contextlib.contextmanager
+def background():
+    """Calls made inside are the library's own (the purger's): a posted request's error
+    they meet is kept for the user's next call, not raised to them."""
+    _thread_state.background = True
+    try:
+        yield
+    finally:
+        _thread_state.background = False
 _round_trip_locks = {}  # daemon socket path -> the lock every connection to it shares
 
 
@@ -75,6 +89,8 @@ class Connection:
         self.info = None  # the daemon's hello reply
         self.requests_sent = 0  # every request this connection has sent, the handshake's too
         self.posted = []  # msgids of posted requests whose replies are still to be read
+        self.late_error = None  # a posted request's error, for the user's next call
+        self._key = os.path.abspath(path)
         self._posted_errors_matter = set()  # of those, the ones posted by `post` itself
         self.closed = False
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
@@ -145,6 +161,7 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
+            self._settle()
             if before is not None:
                 before()
             msgid = self._send_posted([(op, args)])
@@ -154,8 +171,8 @@ class Connection:
     def _send_posted(self, requests):
         """Under the lock: write the deferred requests and `requests` now, reading no reply;
         returns the last one's msgid."""
-        requests = self.deferred + requests
-        self.deferred = []
+        deferred, self.deferred = self.deferred, []  # a swap: a finalizer may defer meanwhile
+        requests = deferred + requests
         ids = [next(self._ids) for _ in requests]
         payload = b"".join([encode_request(i, o, a) for i, (o, a) in zip(ids, requests)])
         try:
@@ -164,29 +181,51 @@ class Connection:
             raise self._lost(exc) from exc
         self.requests_sent += len(ids)
         self.posted += ids
+        _unsettled.setdefault(self._key, weakref.WeakSet()).add(self)
         return ids[-1]
 
     def _collect_posted(self):
         """Under the lock: read the posted requests' replies; raise the first error of one
         posted by `post` (a deferred request's is dropped)."""
         ids, self.posted = self.posted, []
+        _unsettled.get(self._key, set()).discard(self)
         results = self._exchange(None, ids, True)
-        first = None
         for msgid, result in zip(ids, results):
             if msgid in self._posted_errors_matter:
                 self._posted_errors_matter.discard(msgid)
-                if first is None and isinstance(result, ShmheapError):
-                    first = result
-        if first is not None:
-            raise first
+                if self.late_error is None and isinstance(result, ShmheapError):
+                    self.late_error = result
+        if not getattr(_thread_state, "background", False):
+            self._raise_late_error()
+
+    def _raise_late_error(self):
+        """A posted request of the user's failed: its error is this call's (it sends nothing)."""
+        if self.late_error is not None:
+            error, self.late_error = self.late_error, None
+            raise error
+
+    def _settle(self):
+        """Under the shared lock, before this connection speaks: read every other connection's
+        posted replies to the same daemon first, so that access changes apply in the order the
+        daemon made them (their errors wait for those connections' next calls)."""
+        for other in list(_unsettled.get(self._key, ())):
+            if other is not self and other.posted and other.sock is not None:
+                try:
+                    with background():
+                        other._collect_posted()
+                except ShmheapError:
+                    pass  # that connection went; its next call says so
 
     def call(self, op, *args):
         """One request; returns its result or raises the exception for its Win32 error."""
         with self._lock:
             if self.sock is None:
                 self._open()
+            self._settle()
             if self._posted_errors_matter:
                 self._collect_posted()  # its error, if any, is this call's: before we send
+            elif self.late_error is not None and not getattr(_thread_state, "background", False):
+                self._raise_late_error()
             if self.deferred:
                 return self._with_deferred([(op, args)])[0]
             msgid = next(self._ids)
@@ -219,12 +258,17 @@ class Connection:
         except OSError as exc:
             raise self._lost(exc) from exc
         if len(frames) != 1:
+            self.drop()
             raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, "replies the daemon was not asked for")
-        reply_id, error, result, changes = parse_reply(frames[0])
+        try:
+            reply_id, error, result, changes = parse_reply(frames[0])
+        except ShmheapError:
+            self.drop()
+            raise
         if reply_id != msgid:
+            self.drop()
             if reply_id == 0 and error:  # refused before any request (foreign uid)
                 raise_for(error, result)
-            self.drop()
             raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"reply {reply_id} to request {msgid}")
         if changes:
             self._apply_access(changes)
@@ -239,8 +283,11 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
+            self._settle()
             if self._posted_errors_matter:
                 self._collect_posted()
+            elif self.late_error is not None and not getattr(_thread_state, "background", False):
+                self._raise_late_error()
             if self.deferred:
                 return self._with_deferred(requests, return_exceptions)
             return self._roundtrip(requests, return_exceptions)
@@ -271,6 +318,7 @@ class Connection:
         if self.posted and payload is not None:  # only ones that cannot fail (see `call`)
             ids = [*self.posted, *ids]
             skipped, self.posted = len(self.posted), []
+            _unsettled.get(self._key, set()).discard(self)
         else:
             skipped = 0
         access = []  # the exchange's access changes, in order, applied once all replies are in
@@ -323,6 +371,8 @@ class Connection:
         self.deferred = []
         self.posted = []
         self._posted_errors_matter.clear()
+        self.late_error = None
+        _unsettled.get(self._key, set()).discard(self)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -335,6 +385,7 @@ class Connection:
             with self._lock:
                 if self.posted and self.sock is not None:
                     self._collect_posted()
+                self._raise_late_error()
         finally:
             self.closed = True
             self.drop()
@@ -423,6 +474,7 @@ def _after_fork_in_child():
     global _flusher
     _flusher = _Flusher()  # the thread did not come along
     _round_trip_locks.clear()  # a lock another thread held at the fork stays held in the copy
+    _unsettled.clear()
     for connection in list(_connections):
         connection._after_fork_in_child()
 

@@ -227,7 +227,7 @@ class Heap:
         self.reprieves = 0
         self.on_purge_due = on_purge_due  # (heap) -> None, told when a purge is first due
         self.on_short_of_commit = on_short_of_commit  # (heap) -> True if other heaps gave back
-        self.purging = False  # a purger thread is at work on the heap, or about to be
+        self.purging = set()  # purger attempts at work on the heap, or about to be
         self.unlocked_calls = set()  # HEAP_NO_SERIALIZE calls under way (shmheap/win32.py)
         self.live = 0
         self._add_committed(base + HEAP_HEADER, base + committed)
@@ -662,6 +662,7 @@ class Heap:
                 return False
             old_extent = self._extent(old)
             if extent > old_extent:
+                self._flush_recent()  # a neighbour kept for reuse is free space to grow into
                 end = address + old_extent
                 need = address + extent
                 next_end = self.free_start.get(end)
@@ -695,15 +696,17 @@ class Heap:
 
     def flush_large_cache(self):
         """Release the freed large regions kept for reuse; returns the bytes they held."""
-        freed = sum(self.large_cache.values())
-        for base in self.large_cache:
+        freed = 0
+        while self.large_cache:  # each leaves the cache before it goes: a failure never reuses it
+            base, kept = self.large_cache.popitem()
             self.source.release(base)
-        self.large_cache.clear()
+            freed += kept
         return freed
 
     def abandon(self):
         """Forget every region and block without giving them back (the daemon released them):
         the heap is unusable afterwards."""
+        self.purge_due = None
         self.large_cache.clear()
         self.large.clear()
         self.medium.clear()

@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 
+from .connection import background
 from .errors import ShmheapError, WinError, raise_for
 from .heap import PageSource
 from .segment import as_array
@@ -176,10 +177,10 @@ class Purger:
         while True:
             with self.wakeup:
                 now = time.monotonic()
-                due = [heap for heap in self.heaps if heap.purge_due is None or heap.purge_due <= now]
+                dues = {heap: heap.purge_due for heap in self.heaps}  # read once: others may purge
+                due = [heap for heap, when in dues.items() if when is None or when <= now]
                 if not due:
-                    later = [heap.purge_due for heap in self.heaps]
-                    self.wakeup.wait(min(later) - now if later else None)
+                    self.wakeup.wait(min(dues.values()) - now if dues else None)
                     continue
             for heap in due:
                 if self._purge(heap):
@@ -193,22 +194,24 @@ class Purger:
         """Purge `heap` unless a thread holds its lock or a HEAP_NO_SERIALIZE call is under
         way (say `purging` first, then look: see win32._unless_held); True if it needs no
         more of this round."""
-        heap.purging = True
+        token = object()  # one per attempt: commit pressure may try while the purger works
+        heap.purging.add(token)
         try:
             if heap.unlocked_calls or not heap.lock.acquire(blocking=False):
                 return False
             try:
                 if heap.alive and heap.purge_due is not None:
-                    if force:
-                        heap.purge()
-                    else:
-                        heap.purge_when_idle()
+                    with background():
+                        if force:
+                            heap.purge()
+                        else:
+                            heap.purge_when_idle()
             except ShmheapError:
                 pass  # the connection went: the heap went with it (Client._on_drop)
             finally:
                 heap.lock.release()
         finally:
-            heap.purging = False
+            heap.purging.discard(token)
         return True
 
 

@@ -146,3 +146,18 @@ def test_the_facade_opens_a_new_client_after_the_default_one_is_closed(win32):
     address = win32.VirtualAlloc(0, 4096, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE)
     assert address and shmheap.default_client() is not first
     assert win32.HeapAlloc(win32.GetProcessHeap(), 0, 16)
+
+
+def test_a_forked_childs_first_process_heap_has_the_plain_name(daemon):
+    client = shmheap.connect(daemon.socket, autostart=False)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = shmheap.connect(daemon.socket, autostart=False)
+            names = [row["name"] for row in child.heap_list() if row["owner"] == os.getpid()]
+            os._exit(0 if names == ["process heap"] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    client.close()

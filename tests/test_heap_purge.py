@@ -142,3 +142,36 @@ def test_a_process_that_frees_and_sleeps_holds_little_after_two_seconds(daemon, 
     finally:
         child.kill()
         child.join(30)
+
+
+def test_a_posted_error_is_not_lost_to_the_purger(win32):
+    client = shmheap.default_client()
+    heap = win32.HeapCreate(0, 0, 0)
+    buffer = client.share(4096)
+    buffer.free()
+    client.echo(0)
+    for block in [win32.HeapAlloc(heap, 0, 200 * KiB) for _ in range(4)]:
+        win32.HeapFree(heap, 0, block)  # a purge is due: the purger thread will speak
+    buffer.free()  # freed twice: the error belongs to this thread's next call
+    time.sleep(PURGE_DELAY + 1.5)
+    with pytest.raises(shmheap.ShmheapValueError):
+        client.echo(1)
+
+
+def test_a_destroyed_heap_leaves_the_purger_idle(win32):
+    from shmheap import private_heap
+
+    heap = shmheap.default_client().create_heap("short-lived")
+    for block in [heap.alloc(200 * KiB) for _ in range(4)]:
+        block.free()
+    heap.destroy()
+    assert heap._heap.purge_due is None
+    wait_until(lambda: heap._heap not in set(private_heap.purger.heaps), timeout=PURGE_DELAY + 10,
+               what="the purger to let the destroyed heap go")
+
+
+def test_a_neighbour_kept_for_reuse_does_not_stop_growth_in_place(win32):
+    heap = win32.HeapCreate(0, MiB, 0)
+    first, second, third = (win32.HeapAlloc(heap, 0, 40000) for _ in range(3))
+    win32.HeapFree(heap, 0, second)  # kept as it is for the next 40000-byte block
+    assert win32.HeapReAlloc(heap, win32.HEAP_REALLOC_IN_PLACE_ONLY, first, 80000) == first

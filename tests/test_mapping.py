@@ -245,3 +245,28 @@ def test_two_clients_of_one_process_keep_its_mapping_in_the_daemons_order(daemon
         child.kill()
     assert child.exitcode == 0, "a raw write faulted: the mapping took an older access change last"
     assert receive(parent_end), "the mapping drifted from what the daemon says this process may touch"
+
+
+def _posted_release_then_other_client(socket_path, conn):
+    """A region one client releases (posted, its reply unread) and another client of the same
+    process gets next: the first client's late reply must not close it under the second."""
+    first = shmheap.connect(socket_path, autostart=False)
+    second = shmheap.connect(socket_path, autostart=False)
+    base = first.virtual_alloc(0, 64 * 1024)
+    first.virtual_free(base, 0, MEM_RELEASE)
+    again = second.virtual_alloc(0, 64 * 1024)
+    first.memory_status()  # the first client speaks again
+    faulthandler.enable()
+    ctypes.memset(again, 0x61, 64 * 1024)
+    conn.send(again == base)
+
+
+def test_a_posted_reply_read_late_does_not_close_another_clients_pages(daemon, client):
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=_posted_release_then_other_client, args=(daemon.socket, child_end))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the second client's region was closed by the first one's old reply"
+    receive(parent_end)
