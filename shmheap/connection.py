@@ -47,6 +47,7 @@ from .protocol import Decoder, encode_request, hello_request, parse_reply
 # pool that hands a worker the same buffer again within it pays no page-table walk in the
 # worker (the release and the new hold travel together and cancel out).
 DEFER_SECONDS = 2.0
+MAX_POSTED = 1000  # posted requests whose replies may wait unread
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
@@ -167,6 +168,9 @@ class Connection:
             msgid = self._send_posted([(op, args)])
             if can_fail:
                 self._posted_errors_matter.add(msgid)
+            if len(self.posted) >= MAX_POSTED:  # read them now and then: the daemon drops a
+                with background():              # peer that leaves its replies unread too long
+                    self._collect_posted()
 
     def _send_posted(self, requests):
         """Under the lock: write the deferred requests and `requests` now, reading no reply;
