@@ -54,7 +54,11 @@ RECV_SIZE = 64 * 1024
 
 _connections = weakref.WeakSet()
 _unsettled = {}  # daemon socket path -> connections with posted replies still unread
-_thread_state = threading.local()
+class _ThreadState(threading.local):
+    background = False  # in `background()`: the library's own calls
+
+
+_thread_state = _ThreadState()
 
 
 @contextlib.contextmanager
@@ -92,6 +96,7 @@ class Connection:
         self.posted = []  # msgids of posted requests whose replies are still to be read
         self.late_error = None  # a posted request's error, for the user's next call
         self._key = os.path.abspath(path)
+        _unsettled.setdefault(self._key, weakref.WeakSet())
         self._posted_errors_matter = set()  # of those, the ones posted by `post` itself
         self.closed = False
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
@@ -116,6 +121,7 @@ class Connection:
         self.sock = _open_socket(self.path, self.autostart and self.info is None, self.timeout)
         _flusher.start()
         self._decoder = Decoder()
+        self.deferred = []  # what they let go of went with the connection they were meant for
         handshake_access = []  # applied once the hello is known to be our daemon's
         self._apply_access = handshake_access.extend
         try:
@@ -162,15 +168,14 @@ class Connection:
         with self._lock:
             if self.sock is None:
                 self._open()
-            self._settle()
+            self._settle()  # not our own: a post does not wait for the one before it
             if before is not None:
                 before()
             msgid = self._send_posted([(op, args)])
             if can_fail:
                 self._posted_errors_matter.add(msgid)
             if len(self.posted) >= MAX_POSTED:  # read them now and then: the daemon drops a
-                with background():              # peer that leaves its replies unread too long
-                    self._collect_posted()
+                self._collect_posted()          # peer that leaves its replies unread too long
 
     def _send_posted(self, requests):
         """Under the lock: write the deferred requests and `requests` now, reading no reply;
@@ -185,22 +190,20 @@ class Connection:
             raise self._lost(exc) from exc
         self.requests_sent += len(ids)
         self.posted += ids
-        _unsettled.setdefault(self._key, weakref.WeakSet()).add(self)
+        _unsettled[self._key].add(self)
         return ids[-1]
 
     def _collect_posted(self):
-        """Under the lock: read the posted requests' replies; raise the first error of one
-        posted by `post` (a deferred request's is dropped)."""
+        """Under the lock: read the posted requests' replies; the first error of one posted
+        by `post` is kept for the user's next call (a deferred request's is dropped)."""
         ids, self.posted = self.posted, []
-        _unsettled.get(self._key, set()).discard(self)
+        _unsettled[self._key].discard(self)
         results = self._exchange(None, ids, True)
         for msgid, result in zip(ids, results):
             if msgid in self._posted_errors_matter:
                 self._posted_errors_matter.discard(msgid)
                 if self.late_error is None and isinstance(result, ShmheapError):
                     self.late_error = result
-        if not getattr(_thread_state, "background", False):
-            self._raise_late_error()
 
     def _raise_late_error(self):
         """A posted request of the user's failed: its error is this call's (it sends nothing)."""
@@ -212,29 +215,35 @@ class Connection:
         """Under the shared lock, before this connection speaks: read every other connection's
         posted replies to the same daemon first, so that access changes apply in the order the
         daemon made them (their errors wait for those connections' next calls)."""
-        for other in list(_unsettled.get(self._key, ())):
+        others = _unsettled.get(self._key)
+        if not others:
+            return
+        for other in list(others):
             if other is not self and other.posted and other.sock is not None:
                 try:
-                    with background():
-                        other._collect_posted()
+                    other._collect_posted()
                 except ShmheapError:
                     pass  # that connection went; its next call says so
+
+    def _begin(self):
+        """Under the lock, before a call's request goes out: open if needed; read the posted
+        replies of the other connections, then this one's that may fail, whose error is this
+        call's (unless the library's own thread is calling: it waits for the user's next)."""
+        if self.sock is None:
+            self._open()
+        self._settle()
+        if self._posted_errors_matter:
+            self._collect_posted()
+        if not _thread_state.background:
+            self._raise_late_error()
 
     def call(self, op, *args):
         """One request; returns its result or raises the exception for its Win32 error."""
         with self._lock:
-            if self.sock is None:
-                self._open()
-            self._settle()
-            if self._posted_errors_matter:
-                self._collect_posted()  # its error, if any, is this call's: before we send
-            elif self.late_error is not None and not getattr(_thread_state, "background", False):
-                self._raise_late_error()
-            if self.deferred:
-                return self._with_deferred([(op, args)])[0]
+            self._begin()
+            if self.deferred or self.posted:  # their replies come with this one's: one wait
+                return self._roundtrip([(op, args)], False)[0]
             msgid = next(self._ids)
-            if self.posted:  # replies that cannot fail: read with this one, one wait for all
-                return self._exchange(encode_request(msgid, op, args), (msgid,), False)[0]
             return self._exchange_one(encode_request(msgid, op, args), msgid)
 
     def _exchange_one(self, payload, msgid):
@@ -285,44 +294,31 @@ class Connection:
         reply is read before a failure is raised (the first), so none is lost; with
         `return_exceptions` a failure stands in its request's place as the exception."""
         with self._lock:
-            if self.sock is None:
-                self._open()
-            self._settle()
-            if self._posted_errors_matter:
-                self._collect_posted()
-            elif self.late_error is not None and not getattr(_thread_state, "background", False):
-                self._raise_late_error()
-            if self.deferred:
-                return self._with_deferred(requests, return_exceptions)
+            self._begin()
             return self._roundtrip(requests, return_exceptions)
 
-    def _with_deferred(self, requests, return_exceptions=False):
-        """Under the lock: the deferred requests, then `requests`, in one write."""
-        deferred, self.deferred = self.deferred, []
-        results = self._roundtrip(deferred + list(requests), True)[len(deferred):]
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, ShmheapError):
-                    raise result
-        return results
-
     def _roundtrip(self, requests, return_exceptions):
-        """Under the lock: number, send and await [(op, args), ...] on the open socket."""
+        """Under the lock: number and send the deferred requests, then `requests`, in one
+        write, and await the replies (a deferred request's, like a posted one's that cannot
+        fail, is read first and dropped)."""
+        deferred, self.deferred = self.deferred, []  # a swap: a finalizer may defer meanwhile
+        requests = deferred + list(requests)
         ids = [next(self._ids) for _ in requests]
         payload = b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)])
-        return self._exchange(payload, ids, return_exceptions)
+        self.requests_sent += len(ids)
+        self.posted += ids[:len(deferred)]
+        return self._exchange(payload, ids[len(deferred):], return_exceptions)
 
     def _exchange(self, payload, ids, return_exceptions, send_error=None):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in
         (`send_error`: the send failed already; read what the daemon said before it closed).
-        The replies of posted requests whose errors do not matter come first: read here too."""
-        if payload is not None and send_error is None:
-            self.requests_sent += len(ids)
+        With a payload, the posted requests' replies come first (only ones whose errors do
+        not matter are left by then): read here too, and dropped."""
         replies = {}
-        if self.posted and payload is not None:  # only ones that cannot fail (see `call`)
+        if self.posted and payload is not None:
             ids = [*self.posted, *ids]
             skipped, self.posted = len(self.posted), []
-            _unsettled.get(self._key, set()).discard(self)
+            _unsettled[self._key].discard(self)
         else:
             skipped = 0
         access = []  # the exchange's access changes, in order, applied once all replies are in
@@ -376,7 +372,7 @@ class Connection:
         self.posted = []
         self._posted_errors_matter.clear()
         self.late_error = None
-        _unsettled.get(self._key, set()).discard(self)
+        _unsettled[self._key].discard(self)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -478,7 +474,8 @@ def _after_fork_in_child():
     global _flusher
     _flusher = _Flusher()  # the thread did not come along
     _round_trip_locks.clear()  # a lock another thread held at the fork stays held in the copy
-    _unsettled.clear()
+    for key in _unsettled:  # the parent's posted replies are the parent's to read
+        _unsettled[key] = weakref.WeakSet()
     for connection in list(_connections):
         connection._after_fork_in_child()
 
