@@ -840,13 +840,8 @@ class Heap:
                 self._dissolve(slab)
 
     def compact(self):
-        """HeapCompact: give back what a purge would, at once; return the largest free range."""
-        if self.purge_delay:
-            self.purge()
-        else:
-            self._dissolve_empty_slabs()
-            for region in list(self.regions):
-                self._trim(region)
+        """HeapCompact: the purge, at once; returns the largest free range."""
+        self.purge()
         return self.largest_free()
 
     @property

@@ -171,7 +171,8 @@ class Purger:
         caller holds) whose lock is free; True if any was purged."""
         with self.wakeup:
             due = [heap for heap in self.heaps if heap is not besides and heap.purge_due is not None]
-        return sum(self._purge(heap, force=True) and heap.purge_due is None for heap in due) > 0
+        purged = [self._purge(heap, force=True) and heap.purge_due is None for heap in due]
+        return any(purged)
 
     def _run(self):
         while True:
