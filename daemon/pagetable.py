@@ -297,8 +297,10 @@ class PageTable:
 
     def take_touched(self):
         """The ranges touched since the last call, merged and sorted."""
-        spans = sorted(self.touched)
-        self.touched = []
+        spans, self.touched = self.touched, []
+        if len(spans) == 1:
+            return spans
+        spans.sort()
         merged = []
         for start, end in spans:
             if merged and start <= merged[-1][1]:
@@ -312,6 +314,9 @@ class PageTable:
         runs: its own committed pages as their protection allows (a guard page: nothing until
         touched through a checked view), shared regions' committed pages, the sections it
         views as its views allow (FILE_MAP_READ: read only); nothing anywhere else."""
+        region = self.region_at(start)
+        if region is not None and region.shared and end <= region.end and self.shared_access is not None:
+            return self.shared_access(pid, start, end)  # the common case: within the global heap
         out = []
 
         def add(a, b, prot):

@@ -67,6 +67,7 @@ class Client:
         self.regions = {}  # base -> size of the regions this client reserved (VirtualAlloc)
         self.process_heap = None
         self.local_objects = None
+        self.session = 0  # counts the connections lost: a hold is good for the one it was made on
         self._heap_names = itertools.count(1)
         self.connection = Connection(path, autostart=autostart, timeout=timeout, greeting=self._greeting,
                                      on_open=self._on_open, on_drop=self._on_drop,
@@ -116,6 +117,7 @@ class Client:
         self.mapping.apply(changes)
 
     def _on_drop(self):
+        self.session += 1  # what this process held through the connection is gone with it
         # The connection went: the daemon released its heaps (loss, close), or they are the
         # parent's (fork). Their copies here must never carve those pages again; the next
         # connection brings a process heap of its own. If no other client of this process
@@ -197,7 +199,7 @@ class Client:
         pages closed here first."""
         if free_type == MEM_RELEASE and size == 0 and address in self.regions:
             end = address + self.regions.pop(address)
-            self.connection.post("virtual_free", address, 0, MEM_RELEASE, can_fail=False,
+            self.connection.post("virtual_free", address, 0, MEM_RELEASE,
                                  before=lambda: self.mapping.close(address, end))
             return True
         result = self.connection.call("virtual_free", address, size, free_type)
@@ -306,11 +308,15 @@ class Client:
         else:
             self.connection.call("global_release", pointer, serial)
 
-    def global_pin(self, pointer, serial):
+    def global_pin(self, pointer, serial, *, wait=False):
         """Keep a global object for a copy of its SharedBuffer on its way to another process.
-        Posted: it reaches the daemon before anything this process sends later (its exit
-        included), so a buffer handed on and then freed or orphaned still waits for the copy."""
-        self.connection.post("global_pin", pointer, serial)
+        Posted unless `wait` (this process does not hold it: it may be gone): it reaches the
+        daemon before anything this process sends later (its exit included), so a buffer
+        handed on and then freed or orphaned still waits for the copy."""
+        if wait:
+            self.connection.call("global_pin", pointer, serial)
+        else:
+            self.connection.post("global_pin", pointer, serial)
 
     def section_create(self, protect, size, name=None):
         """A named section (or a handle to the existing one of that name): (handle, existed)."""
@@ -383,8 +389,12 @@ class Client:
 
     def free_many(self, buffers):
         """Free SharedBuffers in one pipelined write. Every one is tried; then the first
-        failure, if any, is raised."""
-        self.connection.call_many([("global_free", (buffer.address,)) for buffer in buffers])
+        failure, if any, is raised (a buffer freed already: ShmheapValueError)."""
+        buffers = list(buffers)
+        held = [buffer for buffer in buffers if buffer._hold.detach()]  # their holds go with the free
+        self.connection.call_many([("global_free", (buffer.address,)) for buffer in held])
+        if len(held) < len(buffers):
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{len(buffers) - len(held)} of the buffers were freed already")
 
     # ---- bytes ---------------------------------------------------------------------------
 

@@ -10,11 +10,11 @@ pipelines a batch in one write and one read. Every connection of this process to
 shares that lock: the access changes each reply carries are applied in the order the daemon
 made them, so a process's mapping never goes back to an older state.
 
-`post` sends a request whose answer the caller does not wait for (a free): it goes out at
-once, and its reply is read before the next request is sent (it has usually arrived by
-then), so its access changes are applied in order and its error, if any, is raised by that
-next call, which then sends nothing (or by `close`). A posted request that cannot fail (a
-region this client reserved, released) is read with the next reply instead: one wait.
+`post` sends a request whose answer the caller does not wait for (a free the client has
+checked: a region it reserved, a buffer it holds): it goes out at once, and its reply is read
+with the next call's (one wait for both), its access changes applied in order. Should the
+daemon refuse it all the same, its error is raised by the next call that starts once that
+reply is in (which then sends nothing), or by `close`.
 
 Whoever owns the connection may send requests of its own with the handshake (the client
 creates its process heap there), so connecting is one round trip: `greeting()` names them and
@@ -160,20 +160,18 @@ class Connection:
         finally:
             self._lock.release()
 
-    def post(self, op, *args, before=None, can_fail=True):
-        """Send (op, args) now and return at once. If it `can_fail`, its reply is read before
-        the next request goes out, which raises its error; else it is read with the next
-        reply (one wait for both). `before()` runs first under the lock (a mapping closing
-        what the request gives up, in order with every reply's access changes)."""
+    def post(self, op, *args, before=None):
+        """Send (op, args) now and return at once; its reply is read with the next one, and
+        an error in it is raised by the call after (see the module docstring). `before()`
+        runs first under the lock (a mapping closing what the request gives up, in order with
+        every reply's access changes)."""
         with self._lock:
             if self.sock is None:
                 self._open()
             self._settle()  # not our own: a post does not wait for the one before it
             if before is not None:
                 before()
-            msgid = self._send_posted([(op, args)])
-            if can_fail:
-                self._posted_errors_matter.add(msgid)
+            self._posted_errors_matter.add(self._send_posted([(op, args)]))
             if len(self.posted) >= MAX_POSTED:  # read them now and then: the daemon drops a
                 self._collect_posted()          # peer that leaves its replies unread too long
 
@@ -194,16 +192,20 @@ class Connection:
         return ids[-1]
 
     def _collect_posted(self):
-        """Under the lock: read the posted requests' replies; the first error of one posted
-        by `post` is kept for the user's next call (a deferred request's is dropped)."""
+        """Under the lock: read the posted requests' replies now."""
         ids, self.posted = self.posted, []
         _unsettled[self._key].discard(self)
         results = self._exchange(None, ids, True)
         for msgid, result in zip(ids, results):
-            if msgid in self._posted_errors_matter:
-                self._posted_errors_matter.discard(msgid)
-                if self.late_error is None and isinstance(result, ShmheapError):
-                    self.late_error = result
+            self._posted_replied(msgid, result)
+
+    def _posted_replied(self, msgid, result):
+        """A posted request's reply: the first error of one sent by `post` is kept for the
+        user's next call (a deferred request's is dropped: it only let go of something)."""
+        if msgid in self._posted_errors_matter:
+            self._posted_errors_matter.discard(msgid)
+            if self.late_error is None and isinstance(result, ShmheapError):
+                self.late_error = result
 
     def _raise_late_error(self):
         """A posted request of the user's failed: its error is this call's (it sends nothing)."""
@@ -227,13 +229,11 @@ class Connection:
 
     def _begin(self):
         """Under the lock, before a call's request goes out: open if needed; read the posted
-        replies of the other connections, then this one's that may fail, whose error is this
-        call's (unless the library's own thread is calling: it waits for the user's next)."""
+        replies of the other connections; raise a posted request's error that came in (unless
+        the library's own thread is calling: it is kept for the user's next call)."""
         if self.sock is None:
             self._open()
         self._settle()
-        if self._posted_errors_matter:
-            self._collect_posted()
         if not _thread_state.background:
             self._raise_late_error()
 
@@ -299,8 +299,7 @@ class Connection:
 
     def _roundtrip(self, requests, return_exceptions):
         """Under the lock: number and send the deferred requests, then `requests`, in one
-        write, and await the replies (a deferred request's, like a posted one's that cannot
-        fail, is read first and dropped)."""
+        write, and await the replies (the posted and deferred requests' come first)."""
         deferred, self.deferred = self.deferred, []  # a swap: a finalizer may defer meanwhile
         requests = deferred + list(requests)
         ids = [next(self._ids) for _ in requests]
@@ -312,8 +311,7 @@ class Connection:
     def _exchange(self, payload, ids, return_exceptions, send_error=None):
         """Send `payload` (the requests numbered `ids`) and read until every reply is in
         (`send_error`: the send failed already; read what the daemon said before it closed).
-        With a payload, the posted requests' replies come first (only ones whose errors do
-        not matter are left by then): read here too, and dropped."""
+        With a payload, the posted requests' replies come first: read here too."""
         replies = {}
         if self.posted and payload is not None:
             ids = [*self.posted, *ids]
@@ -349,6 +347,8 @@ class Connection:
             raise self._lost(exc) from exc
         if access:
             self._apply_access(access)
+        for msgid in ids[:skipped]:
+            self._posted_replied(msgid, replies[msgid])
         results = [replies[msgid] for msgid in ids[skipped:]]
         if not return_exceptions:
             for result in results:

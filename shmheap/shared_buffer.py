@@ -16,11 +16,12 @@ import ctypes
 import functools
 import weakref
 
+from .errors import WinError, raise_for
 from .segment import as_array
 
 
 class SharedBuffer:
-    __slots__ = ("client", "address", "size", "serial", "owner", "__weakref__")
+    __slots__ = ("client", "address", "size", "serial", "owner", "session", "_hold", "__weakref__")
 
     def __init__(self, client, address, size, serial, *, owner=True):
         self.client = client
@@ -28,9 +29,10 @@ class SharedBuffer:
         self.size = size
         self.serial = serial  # the object's number: a newer one at this address is another
         self.owner = owner  # made by this process (a received copy is not the owner)
+        self.session = client.session  # the connection the hold was made on
         # This process's hold goes with the object (and every view over it): with its next
         # call, or the flusher's. The creator's object stays allocated, owned, until freed or its process exits.
-        weakref.finalize(self, client.global_release, address, serial, later=True)
+        self._hold = weakref.finalize(self, client.global_release, address, serial, later=True)
 
     @property
     def handle(self):
@@ -52,21 +54,29 @@ class SharedBuffer:
 
     def free(self):
         """GlobalFree: this process lets go, and no call can use the buffer any more; its
-        memory goes once no other process holds it. It does not wait for the daemon: this
-        process's access to the buffer's own pages ends at once, and an error (freed
-        already: ShmheapValueError, ERROR_INVALID_HANDLE) is raised by the client's next
-        call, or its close."""
-        self.client.global_free_posted(self.address, self.size)
+        memory goes once no other process holds it. Freeing it twice raises
+        ShmheapValueError (ERROR_INVALID_HANDLE). While this process holds the buffer (the
+        usual case) it does not wait for the daemon: its access to the buffer's own pages
+        ends at once, and should the daemon refuse (another copy in this process freed it
+        first) the error is raised by the client's next call but one, or its close."""
+        if not self._hold.detach():  # its hold goes with the free: no release follows
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{self!r} was freed already")
+        if self.session == self.client.session:
+            self.client.global_free_posted(self.address, self.size)
+        else:  # held through a connection that is gone (fork, loss): free it by handle, waiting
+            self.client.global_free(self.address)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.owner:
+        if self.owner and self._hold.alive:
             self.free()
 
     def __reduce__(self):
-        self.client.global_pin(self.address, self.serial)
+        if not self._hold.alive:
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{self!r} was freed")
+        self.client.global_pin(self.address, self.serial, wait=self.session != self.client.session)
         return _reattach, (self.address, self.size, self.serial, self.client.path)
 
     def __repr__(self):

@@ -4,6 +4,7 @@ the daemon nothing; the pages it freed go back after the purge delay, at once un
 pressure or on HeapCompact."""
 
 import multiprocessing
+import pickle
 import time
 
 import pytest
@@ -148,12 +149,14 @@ def test_a_posted_error_is_not_lost_to_the_purger(win32):
     client = shmheap.default_client()
     heap = win32.HeapCreate(0, 0, 0)
     buffer = client.share(4096)
+    copy = pickle.loads(pickle.dumps(buffer))  # a second hold, through another object
     buffer.free()
     client.echo(0)
     for block in [win32.HeapAlloc(heap, 0, 200 * KiB) for _ in range(4)]:
         win32.HeapFree(heap, 0, block)  # a purge is due: the purger thread will speak
-    buffer.free()  # freed twice: the error belongs to this thread's next call
-    time.sleep(PURGE_DELAY + 1.5)
+    copy.free()  # the daemon refuses it (gone): the error belongs to this thread's next call
+    wait_until(lambda: not client.connection.posted, timeout=PURGE_DELAY + 10,
+               what="the purger's calls to read the refused free's reply")
     with pytest.raises(shmheap.ShmheapValueError):
         client.echo(1)
 

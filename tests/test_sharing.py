@@ -93,23 +93,48 @@ def test_buffers_die_with_their_producer_unless_kept(daemon, client):
     assert client.global_size(kept.address) == 4096
     assert bytes(kept.view()[:4]) == b"stay"
     kept.free()  # any process may free a kept buffer
-    kept.free()  # free() does not wait: the error of freeing twice comes with the next call
-    with pytest.raises(shmheap.ShmheapError) as info:
-        kept.client.echo(0)  # a freed fixed object is no object: an invalid handle, or (once its
-    assert info.value.winerror in (WinError.ERROR_INVALID_HANDLE, WinError.ERROR_NOACCESS)  # pages went) no memory
-    assert kept.client.echo(1) == 1  # raised once; the request that carried it was not sent
+    with pytest.raises(shmheap.ShmheapValueError) as info:
+        kept.free()  # freeing twice is refused at once, by the buffer itself
+    assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
+    with pytest.raises(shmheap.ShmheapValueError):
+        client.global_size(kept.address)  # the daemon let it go
     client.check()
 
 
-def test_a_free_does_not_wait_and_its_error_reaches_close(daemon):
+def test_a_free_does_not_wait_and_sends_nothing_more(daemon):
     client = shmheap.connect(daemon.socket, autostart=False)
     buffer = client.share(4096)
     sent = client.requests_sent
     buffer.free()
-    assert client.requests_sent == sent + 1
-    buffer.free()
+    del buffer
+    gc.collect()
+    assert client.requests_sent == sent + 1  # the free; its hold went with it (no release after)
+    assert client.echo(1) == 1  # one wait for the free's reply and the echo's
+    assert client.requests_sent == sent + 2
+    assert client.status()["global_objects"] == 0
+    client.close()
+
+
+def test_a_free_the_daemon_refuses_is_raised_by_the_next_call_or_close(daemon):
+    creator = shmheap.connect(daemon.socket, autostart=False)
+    buffer = creator.share(4096)
+    copy = pickle.loads(pickle.dumps(buffer))  # a second hold, through this process's client
+    client = copy.client                       # for that daemon
+    buffer.free()  # lets go of every hold of this process: the buffer is gone
+    copy.free()  # posted: the daemon refuses it
+    assert client.echo(1) == 1  # carries the refusal's reply
+    with pytest.raises(shmheap.ShmheapValueError) as info:
+        client.echo(2)
+    assert info.value.winerror == WinError.ERROR_INVALID_HANDLE
+    assert client.echo(3) == 3  # raised once
+
+    again = creator.share(64)
+    copy = pickle.loads(pickle.dumps(again))
+    again.free()
+    copy.free()
+    creator.close()
     with pytest.raises(shmheap.ShmheapValueError):
-        client.close()
+        client.close()  # nothing came after: close raises it
     assert client.closed
 
 
