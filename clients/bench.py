@@ -53,6 +53,7 @@ starts its own daemon on a private socket and stops it at the end.
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import itertools
@@ -637,6 +638,78 @@ def _idle_clients_row(client, path, idle, n, batches):
     return _row(crowded_figures, quiet_figures)
 
 
+# ---- the clipboard between two processes ----------------------------------------------------
+#
+# One exchange: the parent asks a peer (over a pipe) to hand over `size` bytes, then reads them
+# as bytes. shmheap: the peer copies them to the clipboard, the parent pastes. The baselines:
+# the bytes sent through the pipe, or written to a SharedMemory whose name is sent.
+
+CLIP_FORMAT = "application/x-shmheap-bench"
+
+
+def _peer_clip(socket_path, conn):
+    """The shmheap side's peer: copy `size` bytes to the clipboard per request."""
+    client = shmheap.connect(socket_path, autostart=False)
+    while (size := conn.recv()) is not None:
+        client.clipboard.copy(_payload(size), format=CLIP_FORMAT)
+        conn.send(True)
+    client.close()
+
+
+def _peer_clip_pipe(conn):
+    while (size := conn.recv()) is not None:
+        conn.send_bytes(_payload(size))
+
+
+def _peer_clip_shared_memory(conn):
+    """SharedMemory per exchange: create, write, send the name; the reader unlinks."""
+    while (size := conn.recv()) is not None:
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        shm.buf[:size] = _payload(size)
+        conn.send(shm.name)
+        shm.close()
+
+
+@functools.lru_cache(maxsize=2)
+def _payload(size):
+    return bytes(range(256)) * (size // 256)
+
+
+def _clip_rows(client, peers, size, n, batches):
+    """(shmheap vs pipe, shmheap vs SharedMemory) rows for exchanges of `size` bytes."""
+    clip, pipe, shm = peers
+
+    def ours():
+        clip.send(size)
+        conn_recv(clip)
+        _check_size(client.clipboard.paste(CLIP_FORMAT), size)
+
+    def through_pipe():
+        pipe.send(size)
+        _check_size(pipe.recv_bytes(), size)
+
+    def through_shared_memory():
+        shm.send(size)
+        block = shared_memory.SharedMemory(conn_recv(shm))
+        _check_size(bytes(block.buf[:size]), size)
+        block.close()
+        block.unlink()
+    mine, piped, shared = _alternate([_per_op(ours, n), _per_op(through_pipe, n),
+                                      _per_op(through_shared_memory, n)], batches)
+    return _row(mine, piped), _row(mine, shared)
+
+
+def conn_recv(conn, timeout=60.0):
+    if not conn.poll(timeout):
+        raise RuntimeError(f"no answer from the peer within {timeout:.0f} s")
+    return conn.recv()
+
+
+def _check_size(data, size):
+    if len(data) != size or data[-1] != 255:
+        raise RuntimeError(f"the exchange delivered {len(data)} bytes, not the {size} sent")
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 # key, operation, what is compared, goal: the ratio at or below which it is met (None: none)
@@ -657,6 +730,10 @@ def rows(settings):
                  for size in HEAP_SIZES for form, label in HEAP_FORMS]
     return ROWS + heap_rows + [
         ("share4k", "4 KiB share, per exchange", "share+Pipe vs SharedMemory+name", 0.5),
+        ("clip1k_pipe", "1 KiB copy+paste", "clipboard vs Pipe", None),
+        ("clip1k_shm", "1 KiB copy+paste", "clipboard vs SharedMemory", None),
+        ("clip64m_pipe", f"{settings['clip_mib']} MiB copy+paste", "clipboard vs Pipe", None),
+        ("clip64m_shm", f"{settings['clip_mib']} MiB copy+paste", "clipboard vs SharedMemory", None),
         ("pool_oneshot_pickle", f"{array} one-shot", "SharedBuffer vs pickled array", None),
         ("pool_oneshot_shm", f"{array} one-shot", "SharedBuffer vs SharedMemory", 1.0),
         ("pool_steady_pickle", f"{array} steady", "SharedBuffer vs pickled array", 1 / 20),
@@ -671,7 +748,7 @@ CONCURRENT_GOAL = 20_000  # small requests per second from 8 client processes at
 
 def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, baseline_live,
         share_n, pool_mib, pool_tasks, pool_batches, share_many_n, concurrent_procs,
-        concurrent_seconds, idle_clients):
+        concurrent_seconds, idle_clients, clip_n, clip_big_n, clip_mib):
     """Yield (key, figures) for each row as it finishes."""
     daemon_sock = os.path.join(folder, "d.sock")
     bare_sock = os.path.join(folder, "bare.sock")
@@ -717,6 +794,13 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
             baseline_peer = _start_peer(children, _peer_read_shared_memory)
             yield "share4k", _compare(_per_op(_share_exchange(client, peer), share_n),
                                       _per_op(_shared_memory_exchange(baseline_peer), share_n), batches)
+        with contextlib.ExitStack() as children:
+            peers = (_start_peer(children, functools.partial(_peer_clip, daemon_sock)),
+                     _start_peer(children, _peer_clip_pipe), _start_peer(children, _peer_clip_shared_memory))
+            for key, size, n in (("clip1k", 1024, clip_n), ("clip64m", clip_mib * 2**20, clip_big_n)):
+                vs_pipe, vs_shm = _clip_rows(client, peers, size, n, batches)
+                yield f"{key}_pipe", vs_pipe
+                yield f"{key}_shm", vs_shm
         if _have_numpy():
             with SPAWN.Pool(1) as pool:
                 yield from _pool_rows(client, pool, pool_mib * 2**20 // 8, pool_tasks, pool_batches).items()
@@ -812,13 +896,13 @@ def main(argv=None):
                     "heap_n": 300, "live_blocks": 20_000, "baseline_live": 5_000,
                     "share_n": 50, "pool_mib": 8, "pool_tasks": 2, "pool_batches": 3,
                     "share_many_n": 10_000, "concurrent_procs": 8, "concurrent_seconds": 0.5,
-                    "idle_clients": 50}
+                    "idle_clients": 50, "clip_n": 20, "clip_big_n": 1, "clip_mib": 8}
     else:
         settings = {"batches": 15, "echo_n": 2000, "pipeline_n": 1000, "alloc_n": 300,
                     "heap_n": 3000, "live_blocks": 1_000_000, "baseline_live": 100_000,
                     "share_n": 500, "pool_mib": 64, "pool_tasks": 2, "pool_batches": 11,
                     "share_many_n": 10_000, "concurrent_procs": 8, "concurrent_seconds": 3.0,
-                    "idle_clients": 500}
+                    "idle_clients": 500, "clip_n": 200, "clip_big_n": 2, "clip_mib": 64}
     labels = {key: (operation, versus, goal) for key, operation, versus, goal in rows(settings)}
     results = {}
     # A short path of our own: Unix socket paths are limited to 108 bytes.

@@ -89,6 +89,12 @@ def _global_peer(handle, conn):
     w.CloseHandle(mapping)
 
 
+def _clip_writer(socket_path):
+    """A process that puts text on the clipboard and exits."""
+    with shmheap.connect(socket_path, autostart=False) as client:
+        client.clipboard.copy(f"copied by pid {os.getpid()}")
+
+
 def main(argv=None):
     spawn = multiprocessing.get_context("spawn")
     client = shmheap.default_client()  # autostarts the embedded daemon if none listens
@@ -190,6 +196,18 @@ def main(argv=None):
     from . import pool
 
     _expect(pool.run(2, 4, 1 << 18, "spawn", out=lambda line: _say("   " + line)) == 0, "pool results")
+
+    _say("\n9. The clipboard: a process copies and exits; another pastes (only a handle crosses)")
+    writer = spawn.Process(target=_clip_writer, args=(client.path,))
+    writer.start()
+    writer.join(30)
+    _expect(writer.exitcode == 0, "the clipboard writer")
+    text = client.clipboard.paste()
+    formats = ", ".join(f.name for f in client.clipboard.formats())
+    _say(f"   child {writer.pid} copied and exited; we pasted {text!r}")
+    _say(f"   formats: {formats} (the last three made from the first, as Windows does)")
+    _expect(text == f"copied by pid {writer.pid}", "the pasted text")
+    client.clipboard.clear()
     client.check()
     _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
     return 0

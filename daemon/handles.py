@@ -98,6 +98,7 @@ class GlobalMemory:
         self.pins = {}  # object -> [expiry, ...]: pickled copies not yet attached
         self.pin_deadline = float("inf")  # no pin lapses before this
         self.doomed = set()  # freed, but held or pinned still
+        self.clipboard = set()  # objects the clipboard holds: no process owns or frees them
         self.serials = {}  # object -> serial number
         self._serial = itertools.count(1)
         self.spans = {}  # pid -> {start: [end, count]}: the bytes it may touch
@@ -226,6 +227,10 @@ class GlobalMemory:
         if value in self.doomed:
             raise_for(WinError.ERROR_INVALID_HANDLE, f"{value:#x} was freed")
 
+    def _not_the_clipboards(self, value):
+        if value in self.clipboard:
+            raise_for(WinError.ERROR_ACCESS_DENIED, f"{value:#x} is the clipboard's (CB-37): only it frees or resizes it")
+
     def _bury(self, value):
         """Free a doomed or released object for good once nobody holds or pins it."""
         if value in self.holds or value in self.locks or self.pins.get(value):
@@ -266,6 +271,7 @@ class GlobalMemory:
         another process holds it or a pickled copy is on its way (then it is doomed)."""
         if handle == 0:
             return
+        self._not_the_clipboards(handle)
         if handle in self.doomed and (self.holds.get(handle, {}).get(pid) or self.locks.get(handle, {}).get(pid)):
             self._let_go(pid, handle)  # a holder of a freed object lets go
             self._bury(handle)
@@ -293,6 +299,7 @@ class GlobalMemory:
         """GlobalReAlloc. An object another process holds stays where it is: a change that
         would move it fails (ERROR_NOT_ENOUGH_MEMORY) rather than pull it from under them."""
         self._live(handle)
+        self._not_the_clipboards(handle)
         held = self.holds.get(handle, {}).get(pid, 0)
         locked = self.locks.get(handle, {}).get(pid, 0)
         for _ in range(held):  # the caller's spans close while the object may move ...
@@ -424,6 +431,42 @@ class GlobalMemory:
         self.cached_since = None
         return self.heap.flush_large_cache()
 
+    # ---- the clipboard's objects (daemon/clipboard.py) ---------------------------------------
+
+    def clipboard_take(self, pid, handle):
+        """SetClipboardData hands `handle` to the clipboard: a live global object with data
+        (a discarded or empty moveable one is refused, CB-28; so is anything else, CB-29). No
+        process owns it any more and the setter's holds and locks on it go: it may not touch
+        it after (CB-37), and it outlives its maker."""
+        entry = self.table.entries.get(handle)
+        if (handle not in self.serials or handle in self.doomed or handle in self.clipboard
+                or (entry is not None and not entry.pointer)):
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} is no global object with data the clipboard can take")
+        self.owners.pop(handle, None)
+        self._let_go(pid, handle)
+        self.clipboard.add(handle)
+
+    def clipboard_alloc(self, data):
+        """A GMEM_FIXED object of the clipboard's own holding `data` (a synthesized format,
+        CB-36)."""
+        value = self.table.alloc(0, len(data))
+        self.serials[value] = next(self._serial)
+        self.heap.memory[value:value + len(data)] = data
+        self.clipboard.add(value)
+        return value
+
+    def clipboard_data(self, handle):
+        """The bytes of an object the clipboard holds, in place."""
+        entry = self.table.entries.get(handle)
+        pointer = entry.pointer if entry is not None else handle
+        return self.heap.memory[pointer:pointer + self.table.size(handle)] if pointer else memoryview(b"")
+
+    def clipboard_free(self, handle):
+        """The clipboard lets go (a format replaced or emptied): the object goes, once no
+        process holds it locked."""
+        self.clipboard.discard(handle)
+        self.free(SYSTEM, handle)
+
     def release_owner(self, pid):
         """A process is gone: its holds and locks go, and so does every unshared object it
         owned, unless another process holds it or a copy is on its way. Returns how many
@@ -463,6 +506,8 @@ class GlobalMemory:
             problems.append("a doomed object nobody holds")
         if self.doomed & set(self.owners):
             problems.append("a doomed object has an owner")
+        if self.clipboard - set(self.serials) or self.clipboard & (self.doomed | set(self.owners)):
+            problems.append("a clipboard object is gone, doomed or owned")
         expected = {}
         for table, locked in ((self.holds, False), (self.locks, True)):
             for value, counts in table.items():

@@ -2,13 +2,16 @@
 
     segment ─ Backing ─ PageTable ─┬─ Heaps          (the clients' private heaps)
                                    ├─ GlobalMemory   (GlobalAlloc's objects, the global heap)
-                                   └─ Sections       (named file mappings)
+                                   ├─ Sections       (named file mappings)
+                                   └─ Clipboard      (over GlobalMemory: formats, owner, waiters)
     Sessions                       (connections and processes; the reaper on the last close)
 
 `Kernel` creates the segment, maps it and builds each service over the page table; `main()`
 and the tests both build it this way. The services reach one another only through public
 methods; the wiring between them is here: the page table asks the global memory to give back
-its cache under commit pressure, and the server's loop calls `housekeeping`.
+its cache under commit pressure, and the server's loop calls `housekeeping`. The server
+also tells each request's caller (`request`: session and msgid) and answers requests a
+service parks (`respond`, for the clipboard's waits).
 
 `ops` is the op table: every op of `shmheap.protocol.OPS` but "hello" (the server's, since it
 is about the connection) maps to a service method called as `method(pid, *args)`, named as
@@ -22,6 +25,7 @@ from shmheap import segment
 from shmheap.errors import ShmheapError, WinError
 from shmheap.protocol import HELLO, OPS, PROTOCOL_VERSION
 
+from .clipboard import Clipboard
 from .handles import GlobalMemory
 from .heaps import Heaps
 from .pagetable import SYSTEM, Backing, PageTable
@@ -45,6 +49,7 @@ class Kernel:
             self.heaps = Heaps(self.pagetable)
             self.global_memory = GlobalMemory(self.pagetable, self.memory)
             self.sections = Sections(self.pagetable)
+            self.clipboard = Clipboard(self.global_memory, respond=lambda *reply: self.respond(*reply))
             self.sessions = Sessions()
         except BaseException:
             self.close()
@@ -55,9 +60,12 @@ class Kernel:
                      "generation": segment.read_header(self.shm.fd).generation,
                      "commit_limit": commit_limit, "process_commit_limit": process_commit_limit}
         self.ops = self._op_table()
+        self.request = (None, 0)  # (session, msgid) of the request being answered: set by the server
+        self.respond = None  # (session, msgid, error, result) -> None: the server's, for parked requests
 
     def _op_table(self):
         pages, heaps, memory, sections = self.pagetable, self.heaps, self.global_memory, self.sections
+        clip = self.clipboard
         table = {
             "echo": lambda pid, value: value,
             "system_info": self.system_info,
@@ -93,6 +101,19 @@ class Kernel:
             "section_unmap": sections.unmap,
             "section_close": sections.close,
             "section_list": lambda pid: sections.list(),
+            "clipboard_open": clip.open,
+            "clipboard_close": clip.close,
+            "clipboard_empty": clip.empty,
+            "clipboard_set": clip.set,
+            "clipboard_get": lambda pid, fmt, wait: clip.get(pid, self.request, fmt, wait),
+            "clipboard_available": clip.available,
+            "clipboard_enum": clip.enum,
+            "clipboard_priority": clip.priority,
+            "clipboard_info": clip.info,
+            "clipboard_register": clip.register,
+            "clipboard_format_name": clip.format_name,
+            "clipboard_wait": lambda pid, after: clip.wait(pid, self.request, after),
+            "clipboard_listen": lambda pid: clip.listen(pid, self.request),
             "status": self.status,
             "check": lambda pid: self.check(),
         }
@@ -111,6 +132,7 @@ class Kernel:
 
     def detach(self, session):
         """A connection closed; the last of a process's takes everything it held with it."""
+        self.clipboard.detach(session)
         process = self.sessions.detach(session)
         if process is not None:
             release_process(process.pid, self)
@@ -141,7 +163,9 @@ class Kernel:
 
     def housekeeping(self, now):
         """Work due by time; returns the seconds until it is due again, or None."""
-        return self.global_memory.housekeeping(now)
+        due = [seconds for seconds in (self.global_memory.housekeeping(now), self.clipboard.housekeeping(now))
+               if seconds is not None]
+        return min(due) if due else None
 
     def _shared_access(self, pid, start, end):
         """What `pid` may touch of the global heap: what it holds (GlobalMemory)."""
@@ -183,7 +207,7 @@ class Kernel:
         belongs to a live process. Raises ShmheapError (ERROR_GEN_FAILURE) naming what broke."""
         try:
             result = dict(self.pagetable.check())
-            for service in (self.heaps, self.global_memory, self.sections, self.sessions):
+            for service in (self.heaps, self.global_memory, self.sections, self.clipboard, self.sessions):
                 result.update(service.check())
             orphans = {region.owner for region in self.pagetable.regions_in_order()
                        if region.owner != SYSTEM and region.owner not in self.sessions.processes}

@@ -6,7 +6,9 @@ the operating system; the server sees end-of-file on the last one, and the kerne
 walk goes from the layers on top to the pages below, so nothing is freed while something above
 still points into it:
 
-    1. global objects it allocated and did not share (GMEM_DDESHARE ones outlive it).
+    1. the clipboard, if it had it open or owned it (its formats not yet rendered go); then
+       global objects it allocated and did not share (GMEM_DDESHARE ones, and what it gave
+       the clipboard, outlive it).
     2. its section handles and views; a section nobody holds any more is released.
     3. heaps: every heap the process created, with all its regions (HeapDestroy).
     4. private regions (VirtualAlloc), decommitted (MADV_REMOVE) and unreserved.
@@ -19,6 +21,7 @@ log = logging.getLogger("shmheapd.reaper")
 
 def release_process(pid, kernel):
     """Release what process `pid` held in each of the kernel's services, top down."""
+    kernel.clipboard.release_owner(pid)
     objects = kernel.global_memory.release_owner(pid)
     sections = kernel.sections.release_owner(pid)
     heap_count = kernel.heaps.release_owner(pid)

@@ -20,6 +20,7 @@ import time
 from shmheap.errors import ProtocolError, ShmheapError, WinError, raise_for
 from shmheap.protocol import HELLO, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
 
+from .clipboard import PENDING
 from .sessions import Session
 
 log = logging.getLogger("shmheapd.server")
@@ -35,6 +36,7 @@ class Server:
     def __init__(self, listener, kernel, *, allowed_uids, idle_exit):
         self.listener = listener
         self.kernel = kernel
+        kernel.respond = self._respond
         self.allowed_uids = allowed_uids
         self.idle_exit = idle_exit
         self.epoll = select.epoll()
@@ -160,6 +162,8 @@ class Server:
                 log.warning("pid %d sent a bad frame (%s): dropped", session.pid, exc)
                 self._close(session)
                 return
+            if reply is None:
+                continue  # parked: answered later (Kernel.respond)
             if len(frames) == 1 and not out:  # the common case: one request, nothing queued
                 try:
                     sent = session.sock.send(reply)
@@ -183,11 +187,15 @@ class Server:
         if op != HELLO and not session.greeted:
             return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
         self.kernel.begin()
+        self.kernel.request = (session, msgid)
         try:
             if op == HELLO:
                 error, result = 0, self._hello(session, *args)
             else:
                 error, result = 0, self.kernel.ops[op](session.pid, *args)
+                if result is PENDING:
+                    self.kernel.access_changes(session.pid)  # (none: parked ops touch nothing of the caller's)
+                    return None
         except ShmheapError as exc:
             error, result = exc.winerror, exc.args[0]
         except Exception:
@@ -208,6 +216,15 @@ class Server:
             self.kernel.attach(session)
             session.greeted = True
         return self.kernel.system_info(session.pid)
+
+    def _respond(self, session, msgid, error, result):
+        """Answer a parked request (Kernel.respond). Queued, and sent when the loop next
+        turns: never from inside another request's handling."""
+        if session in self.live:
+            session.outbuf += encode_reply(msgid, error, result)
+            if not session.want_write:
+                session.want_write = True
+                self.epoll.modify(session.sock.fileno(), _READ | _WRITE)
 
     def _flush(self, session):
         out = session.outbuf

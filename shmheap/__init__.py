@@ -8,12 +8,14 @@ segment owned by the `shmheapd` daemon. See ../shared/DESIGN.md for the layers.
 """
 
 from .client import Client, close_default, connect, default_client
-from .errors import (GuardPageError, ProtocolError, ShmheapError, ShmheapMemoryError,
+from .clipboard import Clipboard, Format
+from .errors import (GuardPageError, ProtocolError, ShmheapError, ShmheapLookupError, ShmheapMemoryError,
                      ShmheapPermissionError, ShmheapValueError, WinError)
 from .private_heap import Block, PrivateHeap
 from .shared_buffer import SharedBuffer
 
 __all__ = ["Client", "connect", "default_client", "close_default", "PrivateHeap", "Block",
-           "SharedBuffer", "WinError", "ShmheapError", "ShmheapMemoryError",
-           "ShmheapPermissionError", "ShmheapValueError", "GuardPageError", "ProtocolError"]
+           "SharedBuffer", "Clipboard", "Format", "WinError", "ShmheapError", "ShmheapMemoryError",
+           "ShmheapPermissionError", "ShmheapValueError", "ShmheapLookupError", "GuardPageError",
+           "ProtocolError"]
 __version__ = "0.1.0"

@@ -21,13 +21,14 @@ heap.
 
 import itertools
 import os
+import sys
 import threading
 
 from . import mapping, segment
 from .connection import CONNECT_TIMEOUT, Connection
 from .constants import (GMEM_DDESHARE, GMEM_ZEROINIT, HEAP_NO_SERIALIZE, MEM_COMMIT, MEM_RELEASE, MEM_RESERVE,
                         MEMORY_BASIC_INFORMATION, PAGE_READWRITE)
-from .errors import ShmheapError, WinError, raise_for
+from .errors import ProtocolError, ShmheapError, WinError, raise_for
 from .heap import PURGE_DELAY, SHORT_OF_COMMIT, Heap, heap_layout
 from .mapping import WRITE
 from .segment import PAGE_SIZE, round_down, round_up
@@ -68,6 +69,10 @@ class Client:
         self.process_heap = None
         self.local_objects = None
         self.session = 0  # counts the connections lost: a hold is good for the one it was made on
+        self._waiting = []  # idle connections of this client's for requests that may wait
+        self._waiting_guard = threading.Lock()
+        self._renderer = None  # the render thread's connection (clipboard_on_render)
+        self._clipboard = None
         self._heap_names = itertools.count(1)
         self.connection = Connection(path, autostart=autostart, timeout=timeout, greeting=self._greeting,
                                      on_open=self._on_open, on_drop=self._on_drop,
@@ -150,6 +155,7 @@ class Client:
         """Close the connection and this client's use of the mapping: once no client of this
         process uses the segment, it is unmapped, and stale pointers into it fault."""
         try:
+            self._close_waiting()
             if self.connection is not None:
                 self.connection.close()  # may raise a posted request's error, once closed
         finally:
@@ -395,6 +401,125 @@ class Client:
         self.connection.call_many([("global_free", (buffer.address,)) for buffer in held])
         if len(held) < len(buffers):
             raise_for(WinError.ERROR_INVALID_HANDLE, f"{len(buffers) - len(held)} of the buffers were freed already")
+
+    # ---- the clipboard (daemon/clipboard.py; the Pythonic form: shmheap/clipboard.py) ----------
+
+    @property
+    def clipboard(self):
+        """This client's view of the daemon's clipboard (copy, paste, formats, wait)."""
+        if self._clipboard is None:
+            from .clipboard import Clipboard
+            self._clipboard = Clipboard(self)
+        return self._clipboard
+
+    def clipboard_open(self, window=0):
+        self.connection.call("clipboard_open", window)
+
+    def clipboard_close(self):
+        """CloseClipboard; returns the sequence number after."""
+        return self.connection.call("clipboard_close")
+
+    def clipboard_empty(self):
+        self.connection.call("clipboard_empty")
+
+    def clipboard_set(self, fmt, handle):
+        """SetClipboardData: the clipboard takes the global object over; returns the handle."""
+        return self.connection.call("clipboard_set", fmt, handle)
+
+    def clipboard_get(self, fmt, timeout=None):
+        """GetClipboardData: the handle. A promised format is rendered by its owner process
+        first, so this may wait (on a connection of its own, up to the daemon's render bound
+        or `timeout`: then ERROR_TIMEOUT)."""
+        try:
+            return self.connection.call("clipboard_get", fmt, 0)  # the usual case: no render
+        except ShmheapError as exc:
+            if exc.winerror != WinError.ERROR_IO_PENDING:
+                raise
+        answered, handle = self._call_waiting("clipboard_get", fmt, 1, timeout=timeout)
+        if not answered:
+            raise_for(WinError.ERROR_TIMEOUT, f"format {fmt} was not rendered within {timeout} s")
+        return handle
+
+    def clipboard_available(self, fmt):
+        return self.connection.call("clipboard_available", fmt)
+
+    def clipboard_enum(self, fmt):
+        return self.connection.call("clipboard_enum", fmt)
+
+    def clipboard_priority(self, formats):
+        return self.connection.call("clipboard_priority", list(formats))
+
+    def clipboard_info(self):
+        return self.connection.call("clipboard_info")
+
+    def clipboard_register(self, name):
+        return self.connection.call("clipboard_register", name)
+
+    def clipboard_format_name(self, fmt):
+        return self.connection.call("clipboard_format_name", fmt)
+
+    def clipboard_wait(self, after, timeout=None):
+        """The sequence number once it passes `after`, or None if `timeout` seconds pass first.
+        The daemon answers when it moves: no polling."""
+        answered, sequence = self._call_waiting("clipboard_wait", after, timeout=timeout)
+        return sequence if answered else None
+
+    def clipboard_on_render(self, callback):
+        """Run `callback(fmt)` on a thread of this process's own whenever another process (or
+        this one) asks for a format this process promised; it renders with clipboard_set(fmt,
+        handle), the clipboard needing no opening. One callback per client; None stops it."""
+        if self._renderer is not None:
+            self._renderer.interrupt()
+            self._renderer = None
+        if callback is None:
+            return
+        connection = self._renderer = Connection(self.path, autostart=False, greeting=list, own_lock=True)
+        connection.ensure_open()  # listening before this returns
+        threading.Thread(target=self._render_loop, args=(connection, callback),
+                         name="shmheap clipboard renderer", daemon=True).start()
+
+    def _render_loop(self, connection, callback):
+        try:
+            while self._renderer is connection:
+                fmt = connection.call_waiting("clipboard_listen")[1]
+                try:
+                    callback(fmt)
+                except Exception as exc:  # the reader gets NOT_FOUND at the daemon's bound
+                    print(f"shmheap: clipboard render callback failed for format {fmt}: {exc!r}",
+                          file=sys.stderr)
+        except ShmheapError:
+            pass  # interrupted, or the daemon went: nothing more to render
+        finally:
+            connection.close()
+
+    def _call_waiting(self, op, *args, timeout=None):
+        with self._waiting_guard:
+            connection = self._waiting.pop() if self._waiting else None
+        if connection is None:
+            connection = Connection(self.path, autostart=False, greeting=list, own_lock=True)
+        try:
+            answered, result = connection.call_waiting(op, *args, timeout=timeout)
+        except ShmheapError as exc:
+            if connection.is_open and not isinstance(exc, ProtocolError):
+                self._keep_waiting(connection)
+            else:
+                connection.close()
+            raise
+        self._keep_waiting(connection) if answered else connection.close()
+        return answered, result
+
+    def _keep_waiting(self, connection):
+        with self._waiting_guard:
+            self._waiting.append(connection)
+
+    def _close_waiting(self):
+        renderer, self._renderer = self._renderer, None
+        if renderer is not None:
+            renderer.interrupt()
+        with self._waiting_guard:
+            waiting, self._waiting = self._waiting, []
+        for connection in waiting:
+            connection.close()
 
     # ---- bytes ---------------------------------------------------------------------------
 

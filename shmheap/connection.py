@@ -47,12 +47,14 @@ from .protocol import Decoder, encode_request, hello_request, parse_reply
 # pool that hands a worker the same buffer again within it pays no page-table walk in the
 # worker (the release and the new hold travel together and cancel out).
 DEFER_SECONDS = 2.0
+MIN_WAIT = 0.01  # seconds: the shortest a waiting call waits for its answer
 MAX_POSTED = 1000  # posted requests whose replies may wait unread
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
 
 _connections = weakref.WeakSet()
+traffic = [0, 0]  # bytes this process sent to and received from daemons, every connection
 _unsettled = {}  # daemon socket path -> connections with posted replies still unread
 class _ThreadState(threading.local):
     background = False  # in `background()`: the library's own calls
@@ -82,7 +84,7 @@ class Connection:
     deferred_seen = False  # the flusher saw deferred requests waiting on its last round
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
-                 on_open=None, on_drop=None, on_access=None):
+                 on_open=None, on_drop=None, on_access=None, own_lock=False):
         self.path = path
         self.autostart = autostart
         self.timeout = timeout
@@ -102,7 +104,10 @@ class Connection:
         # Requests that need no answer of their own (a hold let go by a finalizer): they go
         # with the next call, in its write.
         self.deferred = []
-        self._lock = _round_trip_lock(path)
+        # A connection that carries only requests whose replies change no access (the
+        # clipboard's waits) takes turns on a lock of its own: a wait holds it up to a timeout.
+        self.own_lock = own_lock
+        self._lock = threading.Lock() if own_lock else _round_trip_lock(path)
         self._ids = itertools.count(1)
         # A reused buffer: a fresh 64 KiB bytes per recv costs an mmap/munmap each time.
         self._buffer = bytearray(RECV_SIZE)
@@ -184,6 +189,7 @@ class Connection:
         payload = b"".join([encode_request(i, o, a) for i, (o, a) in zip(ids, requests)])
         try:
             self.sock.sendall(payload)
+            traffic[0] += len(payload)
         except OSError as exc:
             raise self._lost(exc) from exc
         self.requests_sent += len(ids)
@@ -246,6 +252,36 @@ class Connection:
             msgid = next(self._ids)
             return self._exchange_one(encode_request(msgid, op, args), msgid)
 
+    def call_waiting(self, op, *args, timeout=None):
+        """A request the daemon may answer only when something happens (a clipboard wait),
+        on a connection of its own (`own_lock`). Returns (True, result), or (False, None)
+        when `timeout` seconds pass first: then the connection closes, and the daemon forgets
+        the request with it (the next call opens a new one)."""
+        with self._lock:
+            self._begin()
+            # (a zero timeout still lets an answer the daemon has at once arrive)
+            self.sock.settimeout(None if timeout is None else max(timeout, MIN_WAIT))
+            try:
+                msgid = next(self._ids)
+                return True, self._exchange_one(encode_request(msgid, op, args), msgid)
+            except ProtocolError as exc:
+                if isinstance(exc.__cause__, TimeoutError):
+                    return False, None
+                raise
+            finally:
+                if self.sock is not None:
+                    self.sock.settimeout(None)
+
+    def interrupt(self):
+        """Wake a thread blocked in `call_waiting` on this connection (from another thread,
+        without its lock): its call fails as if the daemon had gone."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _exchange_one(self, payload, msgid):
         """_exchange for one request, the common case, with less bookkeeping: send it, read
         until its reply is in; returns its result or raises its error."""
@@ -253,6 +289,7 @@ class Connection:
         sock, buffer, view, decoder = self.sock, self._buffer, self._buffer_view, self._decoder
         try:
             sock.sendall(payload)
+            traffic[0] += len(payload)
         except (BrokenPipeError, ConnectionResetError) as exc:
             # The daemon may have said why before it closed: the general path reads that.
             (result,) = self._exchange(None, (msgid,), False, send_error=exc)
@@ -260,6 +297,7 @@ class Connection:
         try:
             while True:
                 received = sock.recv_into(buffer)
+                traffic[1] += received
                 if not received:
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE, "the daemon closed the connection")
                 frames = decoder.feed(view[:received])
@@ -324,10 +362,12 @@ class Connection:
             try:
                 if payload is not None and send_error is None:
                     self.sock.sendall(payload)
+                    traffic[0] += len(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 send_error = exc  # the daemon may have said why before it closed: read on
             while len(replies) < len(ids):
                 received = self.sock.recv_into(self._buffer)
+                traffic[1] += received
                 if not received:
                     why = f" ({send_error})" if send_error else ""
                     raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"the daemon closed the connection{why}")
@@ -394,7 +434,7 @@ class Connection:
     def _after_fork_in_child(self):
         # The inherited socket is the parent's conversation: close our copy of the descriptor
         # and start afresh on the next call.
-        self._lock = _round_trip_lock(self.path)
+        self._lock = threading.Lock() if self.own_lock else _round_trip_lock(self.path)
         self.drop()
 
 

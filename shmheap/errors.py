@@ -25,14 +25,20 @@ class WinError(IntEnum):
     ERROR_NOT_SUPPORTED = 50
     ERROR_INVALID_PARAMETER = 87
     ERROR_INSUFFICIENT_BUFFER = 122
+    ERROR_INVALID_NAME = 123
     ERROR_DISCARDED = 157
     ERROR_NOT_LOCKED = 158
     ERROR_ALREADY_EXISTS = 183
+    ERROR_MORE_DATA = 234
     ERROR_NO_MORE_ITEMS = 259
     ERROR_PARTIAL_COPY = 299
     ERROR_INVALID_ADDRESS = 487
+    ERROR_IO_PENDING = 997
     ERROR_NOACCESS = 998
     ERROR_MAPPED_ALIGNMENT = 1132
+    ERROR_NOT_FOUND = 1168
+    ERROR_INVALID_WINDOW_HANDLE = 1400
+    ERROR_CLIPBOARD_NOT_OPEN = 1418
     ERROR_COMMITMENT_LIMIT = 1455
     ERROR_TIMEOUT = 1460
     # Not a Win32 error code: STATUS_GUARD_PAGE_VIOLATION, raised once by the first access to a
@@ -71,6 +77,11 @@ class ShmheapValueError(ShmheapError, ValueError):
     """An argument the call refuses: bad flags, address, size or handle."""
 
 
+class ShmheapLookupError(ShmheapError, LookupError):
+    """What was asked for is not there: a clipboard format nobody set, or one whose owner
+    did not render it."""
+
+
 class GuardPageError(ShmheapPermissionError):
     """First touch of a PAGE_GUARD page; the guard is cleared, a second touch succeeds."""
 
@@ -99,6 +110,10 @@ _ERROR_CLASSES = {
     WinError.ERROR_DISCARDED: ShmheapValueError,
     WinError.ERROR_FILE_NOT_FOUND: ShmheapValueError,
     WinError.ERROR_MAPPED_ALIGNMENT: ShmheapValueError,
+    WinError.ERROR_INVALID_NAME: ShmheapValueError,
+    WinError.ERROR_INVALID_WINDOW_HANDLE: ShmheapValueError,
+    WinError.ERROR_NOT_FOUND: ShmheapLookupError,
+    WinError.ERROR_CLIPBOARD_NOT_OPEN: ShmheapPermissionError,
 }
 
 

@@ -76,6 +76,10 @@ def _list_u64(value):
     return type(value) is list and all(_u64(item) for item in value)
 
 
+def _list_u32(value):
+    return type(value) is list and len(value) <= MAX_MAP and all(_u32(item) for item in value)
+
+
 def _any(value):
     return True
 
@@ -120,6 +124,22 @@ OPS = {
     "section_unmap": (_u64,),
     "section_close": (_u64,),
     "section_list": (),
+    # The clipboard (daemon/clipboard.py). "clipboard_get", "clipboard_wait" and
+    # "clipboard_listen" may be answered later (a render, a change): clients send them on a
+    # connection of their own.
+    "clipboard_open": (_u64,),  # window
+    "clipboard_close": (),  # -> the sequence number
+    "clipboard_empty": (),
+    "clipboard_set": (_u32, _u64),  # format, handle (0: rendered when asked for) -> handle
+    "clipboard_get": (_u32, _u32),  # format, may wait for a render (else ERROR_IO_PENDING) -> handle
+    "clipboard_available": (_u32,),
+    "clipboard_enum": (_u32,),  # format (0: from the first) -> the next, or 0
+    "clipboard_priority": (_list_u32,),  # formats -> the first there, 0 or -1
+    "clipboard_info": (),  # -> {sequence, owner, owner_pid, open_window, opener, formats}
+    "clipboard_register": (_str,),  # name -> format
+    "clipboard_format_name": (_u32,),  # -> name
+    "clipboard_wait": (_u64,),  # after -> the sequence number, once past it
+    "clipboard_listen": (),  # -> a format this process is asked to render
     "status": (),
     "check": (),
 }

@@ -26,6 +26,11 @@ Glossary (each term is used in this one sense across shmheap):
               may touch, and what keeps the object's memory (daemon/handles.py).
     post      to send a request without waiting for its reply, which the next call reads
               (shmheap/connection.py); a deferred request waits for a later write instead.
+    opener    the process holding the clipboard open; the *owner process* is the one that
+              last emptied it, asked to *render* the formats it *promised* (set with no data).
+    format    a clipboard data type (CF_* or registered); a *synthesized* one is made by the
+              clipboard from another (text formats, daemon/clipboard.py).
+    park      the daemon answers a request later, when something happens (a clipboard wait).
 
 Layout: the first 64 KiB are the header below and are never handed out, so no valid address
 is below base + HEADER_SIZE. The rest is sparse: only committed pages cost memory.

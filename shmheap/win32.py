@@ -691,6 +691,112 @@ def CloseHandle(hObject):
     return _attempt(False, default_client().section_close, _ptr(hObject))
 
 
+# ---- the clipboard (docs/clipboard_semantics.md, rows CB-*) ---------------------------------
+#
+# One clipboard per daemon, shared by its processes. A window (hWnd) is any int the caller
+# picks as its identity; 0 opens the clipboard for the calling process. Data is a global
+# handle (GlobalAlloc) that SetClipboardData hands to the clipboard: do not free or lock it
+# after; every process reads the same handle with GetClipboardData and GlobalLock.
+
+def OpenClipboard(hWndNewOwner):
+    """TRUE, or FALSE with ERROR_ACCESS_DENIED while another process has it open (CB-04)."""
+    return _attempt(False, _true, default_client().clipboard_open, _ptr(hWndNewOwner))
+
+
+def CloseClipboard():
+    return _attempt(False, _true, default_client().clipboard_close)
+
+
+def EmptyClipboard():
+    """Frees every format's data; the opener's window becomes the owner (CB-12)."""
+    return _attempt(False, _true, default_client().clipboard_empty)
+
+
+def SetClipboardData(uFormat, hMem):
+    """hMem, now the clipboard's; NULL on failure. hMem 0 promises the format: its owner
+    process renders it when asked (SetClipboardRenderer). Needs the clipboard open by some
+    process (CB-16, CB-17)."""
+    return _attempt(0, default_client().clipboard_set, _dword(uFormat), _ptr(hMem))
+
+
+def GetClipboardData(uFormat):
+    """The format's global handle (the same in every process), or NULL: ERROR_NOT_FOUND if
+    it is not there (CB-27), ERROR_CLIPBOARD_NOT_OPEN unless this process has it open."""
+    return _attempt(0, default_client().clipboard_get, _dword(uFormat))
+
+
+def IsClipboardFormatAvailable(format):
+    return _attempt(False, default_client().clipboard_available, _dword(format))
+
+
+def EnumClipboardFormats(format):
+    """The format after `format` (0: the first); 0 at the end, with ERROR_SUCCESS (CB-39)."""
+    result = _attempt(None, default_client().clipboard_enum, _dword(format))
+    if result is None:
+        return 0
+    _state.last_error = WinError.ERROR_SUCCESS
+    return result
+
+
+def CountClipboardFormats():
+    return _attempt(0, lambda: len(default_client().clipboard_info()["formats"]))
+
+
+def RegisterClipboardFormat(lpszFormat):
+    """A value in 0xC000..0xFFFF, the same for the same name (case-insensitive) in every
+    process; 0 with ERROR_INVALID_PARAMETER for None, ERROR_INVALID_NAME for "" (CB-72)."""
+    if lpszFormat is None:
+        _state.last_error = WinError.ERROR_INVALID_PARAMETER
+        return 0
+    return _attempt(0, default_client().clipboard_register, str(lpszFormat))
+
+
+RegisterClipboardFormatW = RegisterClipboardFormatA = RegisterClipboardFormat
+
+
+def GetClipboardFormatName(format):
+    """The registered format's name, or None (ERROR_INVALID_HANDLE) for any other value,
+    the standard formats included (CB-73)."""
+    return _attempt(None, default_client().clipboard_format_name, _dword(format))
+
+
+GetClipboardFormatNameW = GetClipboardFormatNameA = GetClipboardFormatName
+
+
+def GetClipboardSequenceNumber():
+    return _attempt(0, lambda: default_client().clipboard_info()["sequence"])
+
+
+def GetClipboardOwner():
+    """The window that last emptied the clipboard (0 if none, or opened with 0)."""
+    return _attempt(0, lambda: default_client().clipboard_info()["owner"])
+
+
+def GetOpenClipboardWindow():
+    """The window the clipboard is open with (0 if closed, or opened with 0)."""
+    return _attempt(0, lambda: default_client().clipboard_info()["open_window"])
+
+
+def GetPriorityClipboardFormat(paFormatPriorityList, cFormats=None):
+    """The first format of the list on the clipboard; 0 if the clipboard is empty, -1 if
+    none of them is there (CB-47)."""
+    formats = list(paFormatPriorityList)[:cFormats]
+    return _attempt(-1, default_client().clipboard_priority, [_dword(fmt) for fmt in formats])
+
+
+def SetClipboardRenderer(callback):
+    """Not Win32: WM_RENDERFORMAT's role. `callback(uFormat)` runs on a thread of this
+    process's own when another process asks for a format this process promised
+    (SetClipboardData(uFormat, 0)); it renders with SetClipboardData(uFormat, hMem), the
+    clipboard needing no opening (CB-66). None stops it."""
+    default_client().clipboard_on_render(callback)
+
+
+def _true(function, *args):
+    function(*args)
+    return True
+
+
 # `from shmheap.win32 import *` brings the Win32 names only: constants, error codes, structs
 # and calls, not this module's imports.
 __all__ = sorted({"WinError"} | {name for name, value in globals().items() if not name.startswith("_") and (
