@@ -31,7 +31,15 @@ def _copy(clipboard, args):
             payload, fmt = data, BINARY_FORMAT
     else:
         fmt = args.format
-        payload = data.decode("utf-8") if clipboard.format_id(fmt) in shmheap.clipboard.TEXT_CODECS else data
+        if clipboard.format_id(fmt) in shmheap.clipboard.TEXT_CODECS:
+            try:
+                payload = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                print(f"shmheap clip copy: {fmt} is text, and the input is not UTF-8 ({exc.reason} at"
+                      f" byte {exc.start}): give a binary --format", file=sys.stderr)
+                return 1
+        else:
+            payload = data
     clipboard.copy(payload, format=fmt)
     return 0
 

@@ -54,6 +54,7 @@ TEXT_SOURCES = {CF_TEXT: (CF_OEMTEXT, CF_UNICODETEXT), CF_OEMTEXT: (CF_UNICODETE
                 CF_UNICODETEXT: (CF_TEXT, CF_OEMTEXT)}
 MAX_NAME = 255  # characters in a registered format's name (atom names, CB-72)
 MAX_WINDOW = 0xFFFFFFFF  # a window handle is 32 bits wide (CB-06)
+MAX_PARKED = 64  # requests one connection may have waiting at the daemon
 
 
 class Clipboard:
@@ -126,16 +127,19 @@ class Clipboard:
             self.memory.clipboard_take(pid, handle)
         if old and old != handle:
             self.memory.clipboard_free(old)
-        rendering = handle and pid == self.owner_pid and fmt in self.readers and old == 0
+        # The owner rendering a format a reader asked for is no change (CB-66); anyone else
+        # setting it is, and answers the reader all the same.
+        quiet = handle and old == 0 and pid == self.owner_pid and self._asked_for(fmt)
         self.formats[fmt] = handle  # a format set again keeps its place (CB-23)
-        self._forget_conversions()
         if fmt in self.synthesized:
             del self.synthesized[fmt]
-        if rendering:
-            self._rendered(fmt)
-        else:
+        if fmt in TEXT_FORMATS:
+            self._forget_conversions()  # made from the text it replaces
+        if not quiet:
             self.changed = True
             self._bump()
+        if handle:
+            self._answer_readers(fmt)
         return handle
 
     def _drop(self, formats):
@@ -159,17 +163,16 @@ class Clipboard:
                 self.synthesized[fmt] = 0
 
     def _synthesize(self, bump=True):
-        """At close: CF_LOCALE and the missing text formats, if any text format is there;
-        +1 to the sequence number for each of the two (CB-51)."""
-        self._forget_conversions()
-        self.synthesized = {}
+        """At close: CF_LOCALE and the missing text formats, if any text format is there and
+        they are not yet; +1 to the sequence number for each of the two added (CB-51)."""
         if not any(fmt in self.formats for fmt in TEXT_FORMATS):
             return
-        if CF_LOCALE not in self.formats:
+        there = {*self.formats, *self.synthesized}  # made at an earlier close: kept as they are
+        if CF_LOCALE not in there:
             self.synthesized[CF_LOCALE] = 0
             if bump:
                 self._bump()
-        missing = [fmt for fmt in TEXT_FORMATS if fmt not in self.formats]
+        missing = [fmt for fmt in TEXT_FORMATS if fmt not in there]
         for fmt in missing:
             self.synthesized[fmt] = 0
         if missing and bump:
@@ -261,7 +264,8 @@ class Clipboard:
             raise_for(WinError.ERROR_INVALID_NAME, "a format needs a name")
         if len(name) > MAX_NAME:
             raise_for(WinError.ERROR_INVALID_PARAMETER, f"format names are at most {MAX_NAME} characters")
-        if name.startswith("#") and name[1:].isdigit() and 0 < int(name[1:]) < CF_REGISTERED_FIRST:
+        digits = name[1:]
+        if name.startswith("#") and digits.isascii() and digits.isdigit() and 0 < int(digits) < CF_REGISTERED_FIRST:
             return int(name[1:])
         key = name.casefold()
         if key not in self.by_name:
@@ -285,19 +289,32 @@ class Clipboard:
         """The sequence number once it is past `after`: now, or when it moves (PENDING)."""
         if self.sequence > after:
             return self.sequence
+        self._room_to_park(request[0])
         self.waiters.append((*request, after))
         return PENDING
 
-    def listen(self, pid, request):
-        """A process's render thread asks for the next format to render (PENDING until one
-        is asked for). Its connection is the process's listener from now on."""
+    def listen(self, pid, request, wait=True):
+        """A process's render thread asks for the next format to render: PENDING until one
+        is asked for, or, unless `wait`, 0 at once. Its connection is the process's listener
+        from now on."""
         session, msgid = request
-        self.listeners.setdefault(pid, {})[session] = msgid
+        listeners = self.listeners.setdefault(pid, {})
+        if listeners.get(session) is not None:
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "this connection is listening already")
+        listeners[session] = None
         queue = self.to_render.get(pid)
         if queue:
-            self.listeners[pid][session] = None
             return queue.pop(0)
+        if not wait:
+            return 0
+        listeners[session] = msgid
         return PENDING
+
+    def _room_to_park(self, session):
+        parked = sum(1 for waiter in self.waiters if waiter[0] is session) + sum(
+            1 for readers in self.readers.values() for reader in readers if reader[0] is session)
+        if parked >= MAX_PARKED:
+            raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"{MAX_PARKED} requests of this connection wait already")
 
     def _ask_render(self, request, source, wanted, wait):
         """A reader waits for the owner process to render `source` (then gets `wanted`)."""
@@ -307,6 +324,7 @@ class Clipboard:
         if owner is None or not self.listeners.get(owner):
             self._drop_unrendered([source])
             raise_for(WinError.ERROR_NOT_FOUND, f"format {source} was promised, but its owner cannot render it")
+        self._room_to_park(request[0])
         first = source not in self.readers
         self.readers.setdefault(source, []).append((*request, wanted, time.monotonic() + RENDER_TIMEOUT))
         if first:
@@ -319,14 +337,42 @@ class Clipboard:
                 self.to_render.setdefault(owner, []).append(source)
         return PENDING
 
-    def _rendered(self, fmt):
-        for session, msgid, wanted, _ in self.readers.pop(fmt, ()):
-            try:
-                handle = self.formats[fmt] if wanted == fmt else self._converted(wanted)
-            except ShmheapError as exc:
-                self.respond(session, msgid, exc.winerror, exc.args[0])
-            else:
-                self.respond(session, msgid, 0, handle)
+    def _asked_for(self, fmt):
+        return fmt in self.readers or any(wanted == fmt for readers in self.readers.values()
+                                          for _, _, wanted, _ in readers)
+
+    def _answer_readers(self, fmt):
+        """`fmt` has data now: the readers waiting for it, as the format they want or as the
+        source of the one they want, get their answer."""
+        for source in list(self.readers):
+            ready = [reader for reader in self.readers[source] if source == fmt or reader[2] == fmt]
+            if not ready:
+                continue
+            self._forget_readers(source, ready)
+            for session, msgid, wanted, _ in ready:
+                try:
+                    if self.formats.get(wanted):
+                        handle = self.formats[wanted]
+                    elif wanted in self.synthesized:
+                        handle = self._converted(wanted)
+                    else:
+                        raise_for(WinError.ERROR_NOT_FOUND, f"format {wanted} is gone")
+                except ShmheapError as exc:
+                    self.respond(session, msgid, exc.winerror, exc.args[0])
+                else:
+                    self.respond(session, msgid, 0, handle)
+
+    def _forget_readers(self, source, readers):
+        """Readers of `source` are answered or gone: with the last of them, so is the request
+        to render it."""
+        rest = [reader for reader in self.readers.get(source, ()) if reader not in readers]
+        if rest:
+            self.readers[source] = rest
+            return
+        self.readers.pop(source, None)
+        for queue in self.to_render.values():
+            if source in queue:
+                queue.remove(source)
 
     def _drop_unrendered(self, formats):
         """Promised formats that will not be rendered go, with what is synthesized from them
@@ -343,6 +389,9 @@ class Clipboard:
         next deadline, or None."""
         late = [fmt for fmt, readers in self.readers.items() if any(deadline <= now for *_, deadline in readers)]
         self._drop_unrendered(late)
+        for fmt in late:  # the format got data meanwhile, but not from a render: answer anyway
+            if self.formats.get(fmt):
+                self._answer_readers(fmt)
         deadlines = [deadline for readers in self.readers.values() for *_, deadline in readers]
         return min(deadlines) - now if deadlines else None
 
@@ -351,10 +400,8 @@ class Clipboard:
     def detach(self, session):
         """A connection closed: its parked requests go with it."""
         self.waiters = [waiter for waiter in self.waiters if waiter[0] is not session]
-        for readers in self.readers.values():
-            readers[:] = [reader for reader in readers if reader[0] is not session]
-        for fmt in [fmt for fmt, readers in self.readers.items() if not readers]:
-            del self.readers[fmt]
+        for source in list(self.readers):
+            self._forget_readers(source, [reader for reader in self.readers[source] if reader[0] is session])
         listeners = self.listeners.get(session.pid)
         if listeners is not None:
             listeners.pop(session, None)

@@ -434,14 +434,17 @@ class GlobalMemory:
     # ---- the clipboard's objects (daemon/clipboard.py) ---------------------------------------
 
     def clipboard_take(self, pid, handle):
-        """SetClipboardData hands `handle` to the clipboard: a live global object with data
-        (a discarded or empty moveable one is refused, CB-28; so is anything else, CB-29). No
+        """SetClipboardData hands `handle` to the clipboard: a live global object with data,
+        the caller's or shared (a discarded or empty moveable one is refused, CB-28; so is
+        anything else, CB-29, and another process's object: a handle of its own on Windows). No
         process owns it any more and the setter's holds and locks on it go: it may not touch
         it after (CB-37), and it outlives its maker."""
         entry = self.table.entries.get(handle)
         if (handle not in self.serials or handle in self.doomed or handle in self.clipboard
                 or (entry is not None and not entry.pointer)):
             raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} is no global object with data the clipboard can take")
+        if self.owners.get(handle, pid) != pid:  # another process's object is not this one's to give
+            raise_for(WinError.ERROR_INVALID_HANDLE, f"{handle:#x} belongs to another process")
         self.owners.pop(handle, None)
         self._let_go(pid, handle)
         self.clipboard.add(handle)

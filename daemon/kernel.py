@@ -113,7 +113,7 @@ class Kernel:
             "clipboard_register": clip.register,
             "clipboard_format_name": clip.format_name,
             "clipboard_wait": lambda pid, after: clip.wait(pid, self.request, after),
-            "clipboard_listen": lambda pid: clip.listen(pid, self.request),
+            "clipboard_listen": lambda pid, wait: clip.listen(pid, self.request, wait),
             "status": self.status,
             "check": lambda pid: self.check(),
         }

@@ -474,19 +474,20 @@ class Client:
         if callback is None:
             return
         connection = self._renderer = Connection(self.path, autostart=False, greeting=list, own_lock=True)
-        connection.ensure_open()  # listening before this returns
-        threading.Thread(target=self._render_loop, args=(connection, callback),
+        first = connection.call("clipboard_listen", 0)  # the listener, before this returns
+        threading.Thread(target=self._render_loop, args=(connection, callback, first),
                          name="shmheap clipboard renderer", daemon=True).start()
 
-    def _render_loop(self, connection, callback):
+    def _render_loop(self, connection, callback, fmt):
         try:
             while self._renderer is connection:
-                fmt = connection.call_waiting("clipboard_listen")[1]
-                try:
-                    callback(fmt)
-                except Exception as exc:  # the reader gets NOT_FOUND at the daemon's bound
-                    print(f"shmheap: clipboard render callback failed for format {fmt}: {exc!r}",
-                          file=sys.stderr)
+                if fmt:
+                    try:
+                        callback(fmt)
+                    except Exception as exc:  # the reader gets NOT_FOUND at the daemon's bound
+                        print(f"shmheap: clipboard render callback failed for format {fmt}: {exc!r}",
+                              file=sys.stderr)
+                fmt = connection.call_waiting("clipboard_listen", 1)[1]
         except ShmheapError:
             pass  # interrupted, or the daemon went: nothing more to render
         finally:

@@ -92,19 +92,24 @@ class Clipboard:
                 self.client.clipboard_close()
             raise made
         handles = [handle for handle, _ in made]
-        try:
-            if isinstance(opened, ShmheapError):
+        free_them = [("global_free", (handle,)) for handle in handles]
+        if isinstance(opened, ShmheapError):
+            try:
                 _open(self.client, opened)
+            except BaseException:
+                self.client.connection.call_many(free_them, return_exceptions=True)
+                raise
+        try:  # open from here on
             for handle, payload in zip(handles, payloads):
                 self.client.view(handle, len(payload), write=True)[:] = payload
-            pending = iter(handles)
-            formats = [(fmt, 0 if payload is None else next(pending)) for fmt, payload in items]
-            results = self.client.connection.call_many(
-                [("clipboard_empty", ()), *[("clipboard_set", pair) for pair in formats], ("clipboard_close", ())],
-                return_exceptions=True)
         except BaseException:
-            self.client.connection.call_many([("global_free", (handle,)) for handle in handles], return_exceptions=True)
+            self.client.connection.call_many([*free_them, ("clipboard_close", ())], return_exceptions=True)
             raise
+        pending = iter(handles)
+        formats = [(fmt, 0 if payload is None else next(pending)) for fmt, payload in items]
+        results = self.client.connection.call_many(
+            [("clipboard_empty", ()), *[("clipboard_set", pair) for pair in formats], ("clipboard_close", ())],
+            return_exceptions=True)
         taken = [handle for (_, handle), result in zip(formats, results[1:-1]) if handle and result == handle]
         refused = [handle for handle in handles if handle not in taken]
         if refused:
@@ -124,8 +129,8 @@ class Clipboard:
             [("clipboard_open", (0,)), ("clipboard_get", (fmt, 0))], return_exceptions=True)
         if isinstance(opened, ShmheapError):
             _open(self.client, opened)
-            handle = _result_of(self.client.connection.call_many([("clipboard_get", (fmt, 0))], return_exceptions=True)[0])
-        try:
+            handle = self.client.connection.call_many([("clipboard_get", (fmt, 0))], return_exceptions=True)[0]
+        try:  # open from here on
             if isinstance(handle, ShmheapError):
                 if format is None and handle.winerror == WinError.ERROR_NOT_FOUND:
                     fmt = self.client.clipboard_enum(0)  # no text: the first format
@@ -193,7 +198,10 @@ class Clipboard:
                 return fmt, data.encode()  # text under another format: UTF-8, as it is
             return fmt, (data + "\0").encode(TEXT_CODECS[fmt], errors="replace")  # a C string
         payload = memoryview(data).cast("B")
-        return self.format_id(BINARY_FORMAT if format is None else format), payload
+        fmt = self.format_id(BINARY_FORMAT if format is None else format)
+        if fmt == CF_UNICODETEXT and len(payload) < 2:  # refused now, before anything changes (CB-62)
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "CF_UNICODETEXT needs at least one character")
+        return fmt, payload
 
     def _global_object(self, payload):
         """A moveable global object holding `payload`, written in place."""
@@ -219,12 +227,6 @@ class Clipboard:
 
     def _opened(self):
         return _Opened(self.client)
-
-
-def _result_of(value):
-    if isinstance(value, ShmheapError):
-        raise value
-    return value
 
 
 def _open(client, refusal):

@@ -239,7 +239,8 @@ class Connection:
         the library's own thread is calling: it is kept for the user's next call)."""
         if self.sock is None:
             self._open()
-        self._settle()
+        if not self.own_lock:  # (its replies change no access: it needs no order with the others)
+            self._settle()
         if not _thread_state.background:
             self._raise_late_error()
 

@@ -139,7 +139,7 @@ OPS = {
     "clipboard_register": (_str,),  # name -> format
     "clipboard_format_name": (_u32,),  # -> name
     "clipboard_wait": (_u64,),  # after -> the sequence number, once past it
-    "clipboard_listen": (),  # -> a format this process is asked to render
+    "clipboard_listen": (_u32,),  # may wait -> a format this process is asked to render (0: none yet)
     "status": (),
     "check": (),
 }

@@ -16,42 +16,10 @@ from shmheap.constants import (CF_LOCALE, CF_OEMTEXT, CF_TEXT, CF_UNICODETEXT, C
                                GMEM_MOVEABLE, GMEM_ZEROINIT)
 from shmheap.errors import WinError
 from conftest import receive, wait_until
-from win32_checks import expect, ok
+from win32_checks import enumerate_formats, expect, global_text, ok, open_emptied_with, read_global
 
 spawn = multiprocessing.get_context("spawn")
 MiB = 2**20
-
-
-def global_text(w, data):
-    """A moveable global object holding `data`, as a Windows program makes clipboard data."""
-    handle = ok(w, w.GlobalAlloc, GMEM_MOVEABLE, len(data))
-    pointer = ok(w, w.GlobalLock, handle)
-    w.write(pointer, data)
-    w.GlobalUnlock(handle)
-    return handle
-
-
-def read_global(w, handle):
-    pointer = ok(w, w.GlobalLock, handle)
-    data = bytes(w.view(pointer, w.GlobalSize(handle)))
-    w.GlobalUnlock(handle)
-    return data
-
-
-def open_emptied_with(w, fmt, data):
-    """Open and empty the clipboard, set `fmt` to a new object holding `data`: its handle."""
-    ok(w, w.OpenClipboard, 0)
-    ok(w, w.EmptyClipboard)
-    handle = global_text(w, data)
-    assert w.SetClipboardData(fmt, handle) == handle
-    return handle
-
-
-def enumerate_formats(w):
-    formats, fmt = [], 0
-    while fmt := w.EnumClipboardFormats(fmt):
-        formats.append(fmt)
-    return formats
 
 
 # ---- opening, owning, setting ------------------------------------------------------------------
@@ -170,7 +138,7 @@ def test_replacing_a_format_frees_the_old_block_and_only_the_clipboard_frees_its
     ok(w, w.CloseClipboard)
 
 
-def test_a_handle_that_is_not_a_global_handle_is_refused_and_changes_nothing(win32):
+def test_a_handle_that_is_not_a_global_handle_is_refused_and_changes_nothing(win32, peers):
     w = win32
     kept = open_emptied_with(w, CF_WAVE, b"kept")
     sequence = w.GetClipboardSequenceNumber()
@@ -178,7 +146,8 @@ def test_a_handle_that_is_not_a_global_handle_is_refused_and_changes_nothing(win
     empty_moveable = ok(w, w.GlobalAlloc, GMEM_MOVEABLE, 0)
     freed = ok(w, w.GlobalAlloc, GMEM_FIXED | GMEM_ZEROINIT, 8)
     w.GlobalFree(freed)
-    for bad in (heap_block, empty_moveable, freed, 0xDEADBEEF0, kept + 16):
+    theirs = peers().ok("GlobalAlloc", GMEM_MOVEABLE, 16)  # valid here too, but not ours to give
+    for bad in (heap_block, empty_moveable, freed, 0xDEADBEEF0, kept + 16, theirs):
         expect(w, w.SetClipboardData, CF_WAVE, bad, result=0, error=WinError.ERROR_INVALID_HANDLE)  # CB-28/29
     expect(w, w.SetClipboardData, 0, kept, result=0, error=WinError.ERROR_CLIPBOARD_NOT_OPEN)  # CB-20
     assert w.GetClipboardSequenceNumber() == sequence
@@ -394,3 +363,83 @@ def test_shmheap_clip_round_trips_through_shell_pipelines(daemon):
     assert len(missing.stderr.decode().strip().splitlines()) == 1 and "1168" in missing.stderr.decode()
     assert _shell(daemon, "shmheap clip clear").returncode == 0
     assert _shell(daemon, "shmheap clip paste").returncode == 1
+
+
+# ---- rendering the Win32 way, and the daemon's bound ------------------------------------------
+
+def _win32_renderer(socket_path, conn):
+    """A Windows-style owner: promises CF_TEXT, and renders it in its WM_RENDERFORMAT role
+    with GlobalAlloc and SetClipboardData, the clipboard not opened by it."""
+    os.environ["SHMHEAP_SOCKET"] = socket_path
+    from shmheap import win32 as w
+
+    def render(fmt):
+        data = f"rendered for format {fmt}\0".encode()
+        handle = w.GlobalAlloc(GMEM_MOVEABLE, len(data))
+        w.write(w.GlobalLock(handle), data)
+        w.GlobalUnlock(handle)
+        assert w.SetClipboardData(fmt, handle) == handle, w.GetLastError()
+    w.SetClipboardRenderer(render)
+    assert w.OpenClipboard(5) and w.EmptyClipboard()
+    assert w.SetClipboardData(CF_TEXT, 0) == 0 and w.CloseClipboard()
+    conn.send("promised")
+    conn.poll(120)
+
+
+def test_an_owner_renders_through_the_win32_calls_on_a_thread_of_its_own(win32):
+    w = win32
+    ours, theirs = spawn.Pipe()
+    child = spawn.Process(target=_win32_renderer, args=(os.environ["SHMHEAP_SOCKET"], theirs), daemon=True)
+    child.start()
+    try:
+        assert receive(ours) == "promised"
+        assert w.GetClipboardOwner() == 5
+        sequence = w.GetClipboardSequenceNumber()
+        ok(w, w.OpenClipboard, 0)
+        assert read_global(w, ok(w, w.GetClipboardData, CF_TEXT)) == b"rendered for format 1\0"
+        unicode = ok(w, w.GetClipboardData, CF_UNICODETEXT)  # converted from the rendered source
+        assert read_global(w, unicode) == "rendered for format 1\0".encode("utf-16-le")
+        ok(w, w.CloseClipboard)
+        assert w.GetClipboardSequenceNumber() == sequence  # rendering is no change (CB-66)
+    finally:
+        ours.send("done")
+        child.join(10)
+
+
+def test_a_render_that_never_comes_fails_the_reader_at_the_daemons_bound(make_kernel):
+    from shmheapd.clipboard import RENDER_TIMEOUT
+    from shmheapd.sessions import Session
+
+    kernel = make_kernel(64 * MiB, 64 * MiB, 64 * MiB)
+    answers = []
+    kernel.respond = lambda *reply: answers.append(reply)
+    owner, reader = Session(None, 101, 0), Session(None, 102, 0)
+    kernel.attach(owner)
+    kernel.attach(reader)
+
+    def call(session, op, *args, msgid=1):
+        kernel.request = (session, msgid)
+        return kernel.ops[op](session.pid, *args)
+
+    call(owner, "clipboard_open", 0)
+    call(owner, "clipboard_empty")
+    call(owner, "clipboard_set", CF_WAVE, 0)
+    call(owner, "clipboard_close")
+    listener = Session(None, 101, 0)
+    kernel.attach(listener)
+    assert call(listener, "clipboard_listen", 1, msgid=7) is not None  # parked
+    call(reader, "clipboard_open", 0)
+    sequence = kernel.clipboard.sequence
+    with pytest.raises(shmheap.ShmheapError) as info:
+        call(reader, "clipboard_get", CF_WAVE, 0)  # may not wait: asked to come back
+    assert info.value.winerror == WinError.ERROR_IO_PENDING and answers == []
+    from shmheapd.clipboard import PENDING
+    assert call(reader, "clipboard_get", CF_WAVE, 1, msgid=9) is PENDING
+    assert answers == [(listener, 7, 0, CF_WAVE)]  # the owner's listener is asked
+    kernel.housekeeping(time.monotonic() + RENDER_TIMEOUT / 2)
+    assert len(answers) == 1  # not yet
+    kernel.housekeeping(time.monotonic() + RENDER_TIMEOUT + 1)
+    assert answers[1][:3] == (reader, 9, WinError.ERROR_NOT_FOUND)
+    assert not call(reader, "clipboard_available", CF_WAVE)  # no longer listed
+    assert kernel.clipboard.sequence == sequence + 1
+    kernel.check()

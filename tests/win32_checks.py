@@ -6,7 +6,7 @@ import multiprocessing
 import os
 import signal
 
-from shmheap.constants import FILE_MAP_ALL_ACCESS
+from shmheap.constants import FILE_MAP_ALL_ACCESS, GMEM_MOVEABLE
 
 SENTINEL = 0xDEADBEEF  # stored with SetLastError before a call: "untouched" means still this
 
@@ -40,6 +40,40 @@ def expect(w, fn, *args, result, error=SENTINEL):
         f"{fn.__name__}{_show(args)} returned {got!r}, expected {result!r}")
     assert got_error == error, (
         f"{fn.__name__}{_show(args)}: GetLastError() = {got_error}, expected {int(error)}")
+
+
+# ---- global objects with data, as a Windows program makes clipboard data ----------------------
+
+def global_text(w, data):
+    """A moveable global object holding `data`, as a Windows program makes clipboard data."""
+    handle = ok(w, w.GlobalAlloc, GMEM_MOVEABLE, len(data))
+    pointer = ok(w, w.GlobalLock, handle)
+    w.write(pointer, data)
+    w.GlobalUnlock(handle)
+    return handle
+
+
+def read_global(w, handle):
+    pointer = ok(w, w.GlobalLock, handle)
+    data = bytes(w.view(pointer, w.GlobalSize(handle)))
+    w.GlobalUnlock(handle)
+    return data
+
+
+def open_emptied_with(w, fmt, data):
+    """Open and empty the clipboard, set `fmt` to a new object holding `data`: its handle."""
+    ok(w, w.OpenClipboard, 0)
+    ok(w, w.EmptyClipboard)
+    handle = global_text(w, data)
+    assert w.SetClipboardData(fmt, handle) == handle
+    return handle
+
+
+def enumerate_formats(w):
+    formats, fmt = [], 0
+    while fmt := w.EnumClipboardFormats(fmt):
+        formats.append(fmt)
+    return formats
 
 
 def pattern(size, seed=1):
