@@ -866,6 +866,10 @@ def print_footer(results, settings):
           f" {results['metadata']['baseline_count']:,} buffers")
     print("heap rows: alloc+free pairs on heaps made as users make them (no sizes given), the"
           " sized heap beside them; the goal is 4x faster than BufferWrapper with no daemon request")
+    print(f"clipboard rows: a peer process copies, this one pastes (bytes in hand at the end);"
+          f" Pipe: the peer sends the bytes; SharedMemory: the peer writes a new one and sends its"
+          f" name, this one reads it and unlinks ({settings['clip_n']} and {settings['clip_big_n']}"
+          f" exchanges a batch)")
     if "pool_steady_shm" not in results:
         print("pool rows skipped: they need numpy (the numpy extra)")
         return
