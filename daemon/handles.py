@@ -26,11 +26,12 @@ the same address.
 
 import itertools
 import mmap
+import time
 from bisect import bisect_left, bisect_right, insort
 
 from shmheap.constants import GMEM_DDESHARE, GMEM_MODIFY, PAGE_READWRITE
 from shmheap.errors import WinError, raise_for
-from shmheap.heap import Heap, PageSource, heap_layout
+from shmheap.heap import PURGE_DELAY, Heap, PageSource, heap_layout
 from shmheap.moveable import ADDRESS_MASK, GLOBAL, MoveableTable
 from shmheap.segment import PAGE_SIZE, pages_in
 
@@ -87,8 +88,12 @@ class GlobalMemory:
         reserve, commit, _ = heap_layout(GLOBAL_HEAP_INITIAL, 0)
         source = PageTablePages(pagetable, SYSTEM, memory, shared=True)
         self.pagetable = pagetable
+        # Freed pages go back a purge delay after the frees, on the server's tick (housekeeping),
+        # as a client's heap gives them back on its purger thread: a burst of frees (processes
+        # killed by the dozen) leaves nothing committed behind, a loop costs no commit churn.
         self.heap = Heap(source, source.allocate(reserve, commit), reserve, commit,
-                         large_cache_limit=LARGE_CACHE_LIMIT)
+                         large_cache_limit=LARGE_CACHE_LIMIT, purge_delay=PURGE_DELAY,
+                         on_purge_due=lambda heap: None, cache_by_time=True)
         self.cached_since = None  # since when the large cache has sat unused
         self.cache_uses_seen = 0
         self.table = MoveableTable(self.heap, GLOBAL, stamped=True)
@@ -413,6 +418,11 @@ class GlobalMemory:
                         self._bury(value)
             self.pin_deadline = min((min(pins) for pins in self.pins.values()), default=float("inf"))
         due = [self.pin_deadline - now] if self.pins else []
+        if self.heap.purge_due is not None:  # (on the heap's own clock)
+            if time.monotonic() >= self.heap.purge_due:
+                self.heap.purge_when_idle()
+            if self.heap.purge_due is not None:
+                due.append(self.heap.purge_due - time.monotonic())
         if not self.heap.large_cache:
             self.cached_since = None
         else:

@@ -7,6 +7,7 @@ import argparse
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -14,7 +15,7 @@ from shmheap import segment
 from shmheap.errors import ShmheapError
 
 from .kernel import Kernel
-from .server import Server, listen, peer_is_listening
+from .server import HANDSHAKE_TIMEOUT, Server, listen, peer_is_listening
 
 log = logging.getLogger("shmheapd")
 
@@ -33,6 +34,8 @@ def parse_args(argv):
                         help="most bytes one process may commit (default: the commit limit)")
     parser.add_argument("--idle-exit", type=float, default=DEFAULT_IDLE_EXIT,
                         help="exit after this many seconds with no clients (0: never)")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                        help="seconds a connection has to say hello before it is dropped")
     parser.add_argument("--allow-uid", type=int, action="append", default=[],
                         help="also accept clients of this uid (repeatable)")
     parser.add_argument("--log-level", default="INFO",
@@ -51,10 +54,8 @@ def _default_commit_limit(size):
 
 
 def _prepare_socket_dir(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
+    """The socket's folder, made 0700 if missing; refused unless it is ours alone."""
+    segment.check_private_dir(os.path.dirname(os.path.abspath(path)), create=True)
 
 
 def _take_lock(path):
@@ -69,10 +70,26 @@ def _take_lock(path):
     return fd
 
 
+def _raise_open_file_limit():
+    """As many descriptors as the hard limit allows: one per connection (1024 by default is
+    a thousand clients)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _raise_open_file_limit()
     path = os.path.abspath(args.socket or segment.default_socket_path())
-    _prepare_socket_dir(path)
+    try:
+        _prepare_socket_dir(path)
+    except ShmheapError as exc:
+        print(f"shmheapd: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(filename=args.log_file, level=args.log_level,
                         format="%(asctime)s shmheapd[%(process)d] %(levelname)s %(message)s")
 
@@ -104,7 +121,7 @@ def main(argv=None):
         listener = listen(path)
         log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
         server = Server(listener, kernel, allowed_uids={os.getuid(), *args.allow_uid},
-                        idle_exit=args.idle_exit)
+                        idle_exit=args.idle_exit, handshake_timeout=args.handshake_timeout)
         server.serve_forever(early_signals)
     finally:
         if listener is not None:

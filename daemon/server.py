@@ -9,6 +9,7 @@ hands every other op to the kernel (kernel.py) under the caller's pid, as SO_PEE
 """
 
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -28,12 +29,13 @@ log = logging.getLogger("shmheapd.server")
 RECV_SIZE = 64 * 1024
 MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
 TICK = 0.25  # seconds between housekeeping rounds (pins lapsing, caches, idle exit)
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connection has to say hello
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _READ, _WRITE, _CLOSED = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
 
 
 class Server:
-    def __init__(self, listener, kernel, *, allowed_uids, idle_exit):
+    def __init__(self, listener, kernel, *, allowed_uids, idle_exit, handshake_timeout=HANDSHAKE_TIMEOUT):
         self.listener = listener
         self.kernel = kernel
         kernel.respond = self._respond
@@ -43,6 +45,10 @@ class Server:
         self.handlers = {}  # fd -> Session, or a callable for the listener, wakeup and tick
         self.stopping = False
         self.live = set()
+        self.ungreeted = {}  # session -> the time by which it must have said hello
+        self.handshake_timeout = handshake_timeout
+        self.spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # see _shed
+        self.shed_said = float("-inf")
         # One receive buffer for every connection: the loop reads one socket at a time, and
         # a fresh large bytes object per recv would cost an mmap/munmap each time.
         self.buffer = bytearray(RECV_SIZE)
@@ -88,6 +94,9 @@ class Server:
             tick.close()
             wake_r.close()
             wake_w.close()
+            if self.spare_fd is not None:
+                os.close(self.spare_fd)
+                self.spare_fd = None
 
     def _register(self, fd, events, handler):
         self.handlers[fd] = handler
@@ -96,6 +105,9 @@ class Server:
     def _on_tick(self, tick):
         tick.consume()
         now = time.monotonic()
+        for session in [s for s, deadline in self.ungreeted.items() if deadline <= now]:
+            log.info("pid %d did not say hello within %ss: dropped", session.pid, self.handshake_timeout)
+            self._close(session)
         try:
             self.kernel.housekeeping(now)
         except Exception:  # a bug in time-driven work must not take the daemon down
@@ -122,6 +134,12 @@ class Server:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._shed()
+            else:
+                log.warning("accept failed: %s", exc)
+            return
         pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid not in self.allowed_uids:
             log.warning("refused pid %d of uid %d", pid, uid)
@@ -135,8 +153,29 @@ class Server:
         sock.setblocking(False)
         session = Session(sock, pid, uid)
         self.live.add(session)
+        self.ungreeted[session] = time.monotonic() + self.handshake_timeout
         self._register(sock.fileno(), _READ, session)
         log.debug("pid %d connected", pid)
+
+    def _shed(self):
+        """Out of file descriptors: refuse the connection waiting (closed at once: its client
+        sees the daemon close), and keep serving the others. The spare descriptor is what
+        lets us accept it at all."""
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+        try:
+            self.listener.accept()[0].close()
+        except OSError:
+            pass
+        try:
+            self.spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        now = time.monotonic()
+        if now - self.shed_said >= 10:
+            log.warning("out of file descriptors with %d connections: refusing new ones", len(self.live))
+            self.shed_said = now
 
     def _read(self, session):
         try:
@@ -215,6 +254,7 @@ class Server:
         if not session.greeted:
             self.kernel.attach(session)
             session.greeted = True
+            self.ungreeted.pop(session, None)
         return self.kernel.system_info(session.pid)
 
     def _respond(self, session, msgid, error, result):
@@ -250,6 +290,7 @@ class Server:
         if session not in self.live:
             return
         self.live.discard(session)
+        self.ungreeted.pop(session, None)
         fd = session.sock.fileno()
         self.epoll.unregister(fd)
         del self.handlers[fd]

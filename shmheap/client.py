@@ -95,7 +95,10 @@ class Client:
             raise_for(handle.winerror, f"no process heap: {handle.args[0]}")
         if self.mapping is None:
             try:
-                self.mapping = mapping.acquire(info["segment"], info["base"], info["size"])
+                self.mapping = mapping.acquire(info["segment"], info["base"], info["size"],
+                                               owner=self.connection.peer_uid)
+            except PermissionError as exc:
+                raise_for(WinError.ERROR_ACCESS_DENIED, f"refused to map the segment: {exc.strerror}")
             except OSError as exc:
                 raise_for(WinError.ERROR_INVALID_ADDRESS,
                           f"this process cannot map the segment where every process does: {exc}")

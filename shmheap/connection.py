@@ -34,12 +34,14 @@ import contextlib
 import itertools
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
 
+from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
 from .protocol import Decoder, encode_request, hello_request, parse_reply
 
@@ -53,6 +55,8 @@ AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clie
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TRUSTED_UIDS = (0,)  # besides our own: root's daemon, which lets users in with --allow-uid
 _connections = weakref.WeakSet()
 traffic = [0, 0]  # bytes this process sent to and received from daemons, every connection
 _unsettled = {}  # daemon socket path -> connections with posted replies still unread
@@ -81,6 +85,7 @@ def _round_trip_lock(path):
 
 class Connection:
     sock = None  # a half-built connection is safe to close
+    peer_uid = None  # the daemon's uid, checked at connect (_daemon_uid)
     deferred_seen = False  # the flusher saw deferred requests waiting on its last round
 
     def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT, greeting=list,
@@ -124,6 +129,12 @@ class Connection:
         if self.closed:
             raise ProtocolError(WinError.ERROR_INVALID_HANDLE, "connection is closed")
         self.sock = _open_socket(self.path, self.autostart and self.info is None, self.timeout)
+        try:
+            self.peer_uid = _daemon_uid(self.sock, self.path)
+        except BaseException:
+            self.sock.close()
+            self.sock = None
+            raise
         _flusher.start()
         self._decoder = Decoder()
         self.deferred = []  # what they let go of went with the connection they were meant for
@@ -462,10 +473,21 @@ def _open_socket(path, autostart, timeout):
         time.sleep(0.01)
 
 
+def _daemon_uid(sock, path):
+    """The uid the daemon on `sock` runs as (SO_PEERCRED): ours, or root's (a system daemon
+    that lets us in with --allow-uid). Anyone else's could name a segment of its choosing
+    for us to map: refused before the handshake."""
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    if uid != os.getuid() and uid not in _TRUSTED_UIDS:
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the listener on {path} runs as uid {uid}, not as us: refused")
+    return uid
+
+
 def _start_daemon(path):
-    """Start a detached daemon on `path` that exits when idle; it logs beside its socket."""
+    """Start a detached daemon on `path` that exits when idle; it logs beside its socket,
+    in a folder that must be ours alone (segment.check_private_dir)."""
     folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    segment.check_private_dir(folder, create=True)
     idle = os.environ.get("SHMHEAP_IDLE_EXIT", str(AUTOSTART_IDLE_EXIT))
     with open(os.path.join(folder, "shmheapd.log"), "ab") as log:
         return subprocess.Popen(

@@ -53,6 +53,7 @@ blocks overlapping, live + free + header == committed.
 import threading
 import time
 from array import array
+from bisect import bisect_left, bisect_right, insort
 
 from .constants import (HEAP_CREATE_ENABLE_EXECUTE, HEAP_FREE_CHECKING_ENABLED,
                         HEAP_TAIL_CHECKING_ENABLED)
@@ -68,6 +69,7 @@ LARGE_THRESHOLD = 0xFE000  # larger blocks get a region of their own (HC-11, HC-
 MAX_REQUEST = 2**62  # anything larger cannot be satisfied: fail before doing arithmetic on it
 COMMIT_STEP = 64 * 1024
 DECOMMIT_SLACK = 2 * COMMIT_STEP  # kept free at a region's top by an immediate trim
+HOLE_MIN = 4 * PAGE_SIZE  # the purge gives back free pages inside a region in runs of at least this
 RECENT_LIMIT = 2 * 2**20  # bytes of freed medium blocks a heap keeps on its `recent` lists
 RECENT_PER_EXTENT = 8
 PURGE_DELAY = 1.0  # seconds a client heap keeps freed pages before giving them back
@@ -187,7 +189,7 @@ class Heap:
     """One heap: its regions, free ranges, slabs, medium and large blocks."""
 
     def __init__(self, source, base, reserved, committed, *, flags=0, growable=True, large_cache_limit=0,
-                 purge_delay=0.0, on_purge_due=None, on_short_of_commit=None):
+                 purge_delay=0.0, on_purge_due=None, on_short_of_commit=None, cache_by_time=False):
         self.source = source
         self.memory = source.memory
         self.flags = flags
@@ -218,6 +220,7 @@ class Heap:
         # (0: none). The global heap keeps some: a pool that allocates, fills and frees big
         # arrays then reuses pages that are already backed and mapped.
         self.large_cache_limit = large_cache_limit
+        self.cache_by_time = cache_by_time  # the owner releases the large cache (the daemon's, by time), not the purge
         self.large_cache = {}  # region base -> committed bytes
         self.large_cache_uses = 0  # regions put in or taken out, ever: tells a cache in use
         self.purge_delay = purge_delay
@@ -230,6 +233,9 @@ class Heap:
         self.purging = set()  # purger attempts at work on the heap, or about to be
         self.unlocked_calls = set()  # HEAP_NO_SERIALIZE calls under way (shmheap/win32.py)
         self.live = 0
+        self.holes = {}  # start -> end: decommitted pages inside free ranges (the purge's)
+        self.hole_starts = []  # sorted
+        self.hole_bytes = 0
         self._add_committed(base + HEAP_HEADER, base + committed)
 
     # ---- free ranges ---------------------------------------------------------------------
@@ -308,8 +314,10 @@ class Heap:
         if start is None:
             start = self._grow(size + align - ALIGN)
         end = self.free_start[start]
-        self._unlink(start, end)
         address = round_up(start, align)
+        if self.holes:
+            self._refill(address, address + size)  # first: it may fail, changing nothing
+        self._unlink(start, end)
         self._add_free(start, address)
         self._add_free(address + size, end)
         return address
@@ -375,6 +383,7 @@ class Heap:
             return
         if region is not self.regions[0] and top == region.start:
             self._unlink(top, region.committed_end)
+            self._forget_holes(region.base, region.end)
             self.regions.remove(region)
             self.region_bases.discard(region.base)
             self.source.release(region.base)
@@ -388,9 +397,57 @@ class Heap:
 
     def _shrink_commit(self, region, top, new_end):
         self.source.decommit(new_end, region.committed_end - new_end)  # first: it may fail
+        self._forget_holes(new_end, region.committed_end)
         self._unlink(top, region.committed_end)
         region.committed_end = new_end
         self._add_free(top, new_end)
+
+    # ---- holes: free pages given back from inside a region --------------------------------
+
+    def _punch_holes(self):
+        """The purge's last step: runs of HOLE_MIN or more whole free pages inside regions
+        (their tops are _trim's) are decommitted too, so live blocks scattered over a heap
+        that was once large (its processes killed, say) do not keep its pages. They are
+        committed again when a block is carved over them (_refill)."""
+        if self.checking:
+            return  # free bytes there hold FREE_FILL, which a hole would lose
+        for start, end in list(self.free_start.items()):
+            low, high = round_up(start, PAGE_SIZE), end - end % PAGE_SIZE
+            if high - low < HOLE_MIN or self.holes.get(low) == high:
+                continue
+            self.source.decommit(low, high - low)  # first: it may fail
+            self._forget_holes(low, high)
+            self.holes[low] = high
+            insort(self.hole_starts, low)
+            self.hole_bytes += high - low
+
+    def _forget_holes(self, start, end):
+        """The records of the holes inside [start, end) go (their pages are given back whole,
+        or committed again)."""
+        i = bisect_left(self.hole_starts, start)
+        while i < len(self.hole_starts) and self.hole_starts[i] < end:
+            hole = self.hole_starts.pop(i)
+            self.hole_bytes -= self.holes.pop(hole) - hole
+
+    def _refill(self, start, end):
+        """Commit again the hole pages that [start, end) is about to be handed out over."""
+        low, high = start - start % PAGE_SIZE, round_up(end, PAGE_SIZE)
+        i = max(bisect_right(self.hole_starts, low) - 1, 0)
+        while i < len(self.hole_starts) and self.hole_starts[i] < high:
+            hole_start = self.hole_starts[i]
+            hole_end = self.holes[hole_start]
+            lo, hi = max(hole_start, low), min(hole_end, high)
+            if lo >= hi:
+                i += 1
+                continue
+            self.source.commit(lo, hi - lo)
+            self._forget_holes(hole_start, hole_start + 1)
+            for piece_start, piece_end in ((hole_start, lo), (hi, hole_end)):
+                if piece_end > piece_start:
+                    self.holes[piece_start] = piece_end
+                    insort(self.hole_starts, piece_start)
+                    self.hole_bytes += piece_end - piece_start
+            i = bisect_left(self.hole_starts, hi)
 
     def _region_of(self, address):
         for region in self.regions:
@@ -565,7 +622,7 @@ class Heap:
         elif address in self.large:
             kept = _large_pages(self.large.pop(address))
             if kept <= self.large_cache_limit:
-                if self.purge_delay:
+                if self.purge_delay and not self.cache_by_time:
                     self._purge_later()  # a client heap's cache goes at its purge (the daemon's: by time)
                 # Keep the latest few, within the limit: a buffer is often freed while the next
                 # is in use (a worker still holds the last one), so two take turns.
@@ -622,7 +679,8 @@ class Heap:
         back to its starting commit."""
         self.purge_due = None
         self.reprieves = 0
-        self.flush_large_cache()
+        if not self.cache_by_time:
+            self.flush_large_cache()
         self._flush_recent()
         if self.live == 0:
             self._reset_when_empty()
@@ -630,6 +688,7 @@ class Heap:
         self._dissolve_empty_slabs()
         for region in list(self.regions):
             self._trim(region, slack=0)
+        self._punch_holes()
 
     def realloc(self, address, size, zero=False, in_place_only=False):
         """Resize a block, in place when possible (else moved, unless `in_place_only`).
@@ -673,6 +732,8 @@ class Heap:
                         return False
                     self._commit_to(region, min(round_up(need, COMMIT_STEP), region.end))
                     next_end = self.free_start[end]
+                if self.holes:
+                    self._refill(end, need)
                 self._unlink(end, next_end)
                 self._add_free(need, next_end)
             elif extent < old_extent:
@@ -756,6 +817,8 @@ class Heap:
                 return None
             address = starts[0]
             end = self.free_start[address]
+            if self.holes:
+                self._refill(address, address + extent)
             self._unlink(address, end)
             self._add_free(address + extent, end)
             self.medium[address] = size
@@ -846,7 +909,7 @@ class Heap:
 
     @property
     def committed(self):
-        return sum(region.committed_end - region.base for region in self.regions) + sum(
+        return sum(region.committed_end - region.base for region in self.regions) - self.hole_bytes + sum(
             _large_pages(size) for size in self.large.values()) + sum(self.large_cache.values())
 
     @property
@@ -915,6 +978,13 @@ class Heap:
         committed = sum(region.committed_end - region.base for region in self.regions)
         if covered != committed:
             problems.append(f"blocks + free + headers = {covered}, committed = {committed}")
+        free_spans = sorted((s, e) for s, e, what in spans if what == "free")
+        for hole, hole_end in self.holes.items():
+            i = bisect_right(free_spans, (hole, float("inf"))) - 1
+            if i < 0 or not free_spans[i][0] <= hole < hole_end <= free_spans[i][1] or hole % PAGE_SIZE:
+                problems.append(f"hole {hole:#x}-{hole_end:#x} is not whole pages of one free range")
+        if sorted(self.holes) != self.hole_starts or sum(e - s for s, e in self.holes.items()) != self.hole_bytes:
+            problems.append("hole records disagree")
         for s, e, what in spans:
             region = self._region_of(s)
             if region is None or e > region.committed_end:

@@ -36,9 +36,9 @@ _mappings = {}  # (segment name, base) -> Mapping
 class Mapping(Runs):
     __slots__ = ("name", "base", "size", "users", "last_run")
 
-    def __init__(self, name, base, size):
+    def __init__(self, name, base, size, owner=None):
         super().__init__(size >> PAGE_SHIFT, NONE)
-        segment.map_at(name, base, size, NONE)
+        segment.map_at(name, base, size, NONE, owner=owner)
         self.name = name
         self.base = base
         self.size = size
@@ -114,11 +114,12 @@ def _differences(old, new):
     return out
 
 
-def acquire(name, base, size):
-    """The mapping of segment `name` at `base` in this process, made on first use."""
+def acquire(name, base, size, owner=None):
+    """The mapping of segment `name` at `base` in this process, made on first use (of a
+    segment `owner` owns: the daemon's uid)."""
     mapping = _mappings.get((name, base))
     if mapping is None:
-        mapping = _mappings[(name, base)] = Mapping(name, base, size)
+        mapping = _mappings[(name, base)] = Mapping(name, base, size, owner)
     mapping.users += 1
     return mapping
 

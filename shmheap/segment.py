@@ -48,10 +48,13 @@ import hashlib
 import mmap
 import os
 import random
+import stat
 import struct
 from bisect import bisect_left, bisect_right
 
 import posix_ipc
+
+from .errors import WinError, raise_for
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # unit of commit and protection (4096 on x86-64)
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1  # address >> PAGE_SHIFT is its page number
@@ -158,6 +161,32 @@ def default_socket_path():
     return os.path.join(folder, "shmheapd.sock")
 
 
+def check_private_dir(folder, create=False):
+    """The socket's folder must be this user's alone: a directory (not a symlink) owned by
+    this uid, writable by nobody else. Made so (0700) if missing and `create`. Raises
+    ShmheapPermissionError (ERROR_ACCESS_DENIED) saying what is wrong: a folder another user
+    controls could hold a socket, a log or a lock file of theirs."""
+    if create and not os.path.lexists(folder):
+        os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass  # another process made it meanwhile: checked below like any other
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the socket folder {folder} does not exist")
+    if stat.S_ISLNK(info.st_mode):
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the socket folder {folder} is a symlink: refused")
+    if not stat.S_ISDIR(info.st_mode):
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the socket folder {folder} is not a directory")
+    if info.st_uid != os.getuid():
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the socket folder {folder} belongs to uid {info.st_uid}, not to us: refused")
+    if info.st_mode & 0o022:
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the socket folder {folder} is writable by others"
+                  f" (mode {stat.S_IMODE(info.st_mode):o}): refused; make it 0700")
+
+
 def segment_name(socket_path):
     """The shm name for the daemon on `socket_path`: per user and per socket, so two daemons never collide."""
     digest = hashlib.sha1(os.path.abspath(socket_path).encode()).hexdigest()[:16]
@@ -250,11 +279,14 @@ _MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17: fail with EEXIST rather than repl
 _MAP_FAILED = 2**64 - 1
 _PYBUF_WRITE = 0x200
 
-def map_at(name, base, size, prot, fd=None):
+def map_at(name, base, size, prot, fd=None, owner=None):
     """Map segment `name` (or the open `fd`) shared at exactly `base` with `prot`. Raises
-    FileExistsError if something is mapped in the way, OSError for other failures."""
+    FileExistsError if something is mapped in the way, PermissionError if the segment is not
+    `owner`'s (the daemon's uid), OSError for other failures."""
     shm = posix_ipc.SharedMemory(name) if fd is None else None
     try:
+        if shm is not None and owner is not None and os.fstat(shm.fd).st_uid != owner:
+            raise PermissionError(errno.EACCES, f"segment {name} is not the daemon's (uid {owner})")
         got = _libc.mmap(base, size, prot, mmap.MAP_SHARED | _MAP_FIXED_NOREPLACE,
                          fd if shm is None else shm.fd, 0)
     finally:

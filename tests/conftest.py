@@ -98,9 +98,9 @@ class Daemon:
                      "--log-file", self.log, *args]
         self.proc = None
 
-    def start(self, timeout=10.0):
+    def start(self, timeout=10.0, preexec_fn=None):
         self.proc = subprocess.Popen([sys.executable, "-m", "shmheapd", *self.args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         wait_until(lambda: peer_is_listening(self.socket) or self.proc.poll() is not None, timeout,
                    what="the daemon to listen")
         if self.proc.poll() is not None:

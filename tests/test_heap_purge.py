@@ -11,6 +11,7 @@ import pytest
 
 import shmheap
 from shmheap.heap import PURGE_DELAY
+from shmheap.segment import PAGE_SIZE
 
 from conftest import bind_win32, receive, wait_until
 
@@ -178,3 +179,65 @@ def test_a_neighbour_kept_for_reuse_does_not_stop_growth_in_place(win32):
     first, second, third = (win32.HeapAlloc(heap, 0, 40000) for _ in range(3))
     win32.HeapFree(heap, 0, second)  # kept as it is for the next 40000-byte block
     assert win32.HeapReAlloc(heap, win32.HEAP_REALLOC_IN_PLACE_ONLY, first, 80000) == first
+
+
+def test_the_purge_gives_back_free_pages_between_scattered_live_blocks(win32):
+    heap = win32.HeapCreate(0, 0, 0)
+    blocks = [win32.HeapAlloc(heap, 0, 40 * KiB) for _ in range(200)]  # ~8 MiB over several regions
+    kept = blocks[::37]  # a few live blocks spread over all of it
+    for i, block in enumerate(kept):
+        win32.write(block, f"kept {i}".encode())
+    for block in blocks:
+        if block not in kept:
+            win32.HeapFree(heap, 0, block)
+    assert win32.HeapCompact(heap, 0)  # the purge, at once
+    state = shmheap.default_client().heaps[heap]
+    assert state.committed < 2 * MiB, f"{state.committed} bytes still committed for {len(kept)} blocks"
+    for i, block in enumerate(kept):
+        assert win32.read(block, len(f"kept {i}")) == f"kept {i}".encode()
+    again = [win32.HeapAlloc(heap, 0, 40 * KiB) for _ in range(100)]  # over the given-back pages
+    for block in again:
+        win32.write(block, b"x" * 40 * KiB)  # committed again before it was handed out
+    state.check()
+    shmheap.default_client().check()
+
+
+def _global_churn(socket_path, seed, conn):
+    import random
+
+    client = shmheap.connect(socket_path, autostart=False)
+    rng = random.Random(seed)
+    live = []
+    conn.send("started")
+    while True:
+        if len(live) < 200 or rng.random() < 0.5:
+            live.append(client.global_alloc(0, rng.choice([16, 200, 3000, 20000, 100000])))
+        else:
+            client.global_free(live.pop(rng.randrange(len(live))))
+
+
+def test_no_global_memory_stays_committed_after_its_processes_are_killed(daemon, client):
+    kept = [client.global_alloc(0, 100) for _ in range(5)]
+    baseline = client.memory_status()["committed"]
+    spawn = multiprocessing.get_context("spawn")
+    churners = []
+    for seed in range(6):
+        ours, theirs = spawn.Pipe()
+        churner = spawn.Process(target=_global_churn, args=(daemon.socket, seed, theirs), daemon=True)
+        churner.start()
+        assert receive(ours) == "started"
+        churners.append(churner)
+    wait_until(lambda: client.memory_status()["committed"] > baseline + 8 * MiB, timeout=30,
+               what="the churners to grow the global heap")
+    kept += [client.global_alloc(0, size) for size in (100, 3000, 50000) for _ in range(3)]  # scattered high
+    time.sleep(0.5)
+    for churner in churners:
+        churner.kill()
+    for churner in churners:
+        churner.join(10)
+    wait_until(lambda: client.memory_status()["committed"] <= baseline + MiB, timeout=PURGE_DELAY + 10,
+               what="the dead processes' global memory to be given back")
+    assert daemon.resident_bytes() == client.status()["committed"] + PAGE_SIZE  # tmpfs agrees (+ the header page)
+    for handle in kept:
+        assert client.global_size(handle) > 0
+    client.check()
