@@ -1,4 +1,4 @@
-"""The `shmheap` command: demo, bench, pool, clip, status, check."""
+"""The `shmheap` command: demo, bench, pool, clip, stress, status, check."""
 
 import argparse
 import sys
@@ -49,6 +49,7 @@ def main(argv=None):
     commands.add_parser("bench", help="benchmarks against the standard library", add_help=False)
     commands.add_parser("pool", help="a worker pool sharing numpy buffers", add_help=False)
     commands.add_parser("clip", help="the clipboard: copy, paste, list, watch, clear", add_help=False)
+    commands.add_parser("stress", help="many processes at once, every byte checked, with chaos", add_help=False)
     commands.add_parser("status", help="processes and regions of the running daemon")
     commands.add_parser("check", help="ask the daemon to verify its invariants")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -64,6 +65,9 @@ def main(argv=None):
     if args.command == "clip":
         from . import clip
         return clip.main(rest)
+    if args.command == "stress":
+        from . import stress
+        return stress.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     import shmheap
