@@ -434,13 +434,15 @@ def run(args, socket_path, out):
     if out.isatty():
         out.write("\n")
     client.clipboard.clear()
-    reclaim_deadline = time.monotonic() + RECLAIM_TIMEOUT
+    stopped = time.monotonic()
+    reclaim_deadline = stopped + RECLAIM_TIMEOUT
     while True:
         committed_after, resident_after = _daemon_figures(client)
         if (committed_after <= committed_before and resident_after <= resident_before) or (
                 time.monotonic() > reclaim_deadline):
             break
         time.sleep(0.1)
+    settled = time.monotonic() - stopped
     try:
         client.check()
         check = "passed"
@@ -453,7 +455,7 @@ def run(args, socket_path, out):
         "procs": args.procs, "seed": args.seed, "mix": list(kinds), "chaos": args.chaos,
         "failures": len(failures), "failure_messages": failures[:20], "killed": killed,
         "committed_before": committed_before, "committed_after": committed_after,
-        "resident_before": resident_before, "resident_after": resident_after,
+        "resident_before": resident_before, "resident_after": resident_after, "settled_seconds": round(settled, 2),
         "leaked_bytes": max(0, committed_after - committed_before, resident_after - resident_before),
         "check": check,
         "reclaim_ms": _summary_ms(reclaim_times),
@@ -474,7 +476,8 @@ def print_report(report, out):
         out.write(f"SIGKILL to released: median {reclaim['median']:.1f} ms, max {reclaim['max']:.1f} ms"
                   f" over {reclaim['count']} kills\n")
     out.write(f"daemon committed {report['committed_before']:,} -> {report['committed_after']:,} bytes;"
-              f" segment in tmpfs {report['resident_before']:,} -> {report['resident_after']:,} bytes\n")
+              f" segment in tmpfs {report['resident_before']:,} -> {report['resident_after']:,} bytes"
+              f" ({report['settled_seconds']:.1f} s after the workers stopped)\n")
     out.write(f"verification failures: {report['failures']}; leaked bytes: {report['leaked_bytes']:,};"
               f" daemon check: {report['check']}\n")
     for message in report["failure_messages"]:
