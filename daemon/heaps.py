@@ -14,10 +14,11 @@ from shmheap.segment import PAGE_SIZE
 
 
 class HeapRecord:
-    __slots__ = ("handle", "name", "owner", "flags", "maximum", "created", "regions", "protect")
+    __slots__ = ("handle", "name", "owner", "flags", "maximum", "created", "regions", "protect", "session")
 
-    def __init__(self, handle, name, owner, flags, maximum, protect):
+    def __init__(self, handle, name, owner, flags, maximum, protect, session=None):
         self.handle = handle
+        self.session = session  # the connection that made it: its allocator state lives there
         self.name = name
         self.owner = owner
         self.flags = flags
@@ -32,7 +33,7 @@ class Heaps:
         self.pagetable = pagetable
         self.by_handle = {}
 
-    def create(self, owner, name, flags, reserve, commit, maximum):
+    def create(self, owner, name, flags, reserve, commit, maximum, session=None):
         if not name:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "a heap needs a name")
         if any(h.owner == owner and h.name == name for h in self.by_handle.values()):
@@ -41,7 +42,7 @@ class Heaps:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "commit must fit the reservation")
         protect = PAGE_EXECUTE_READWRITE if flags & HEAP_CREATE_ENABLE_EXECUTE else PAGE_READWRITE
         region = self.pagetable.allocate(owner, reserve, protect, commit, kind="heap")
-        record = HeapRecord(region.base, name, owner, flags, maximum, protect)
+        record = HeapRecord(region.base, name, owner, flags, maximum, protect, session)
         self.by_handle[record.handle] = record
         return record.handle
 
@@ -91,6 +92,15 @@ class Heaps:
         del self.by_handle[record.handle]
         for base in sorted(record.regions):
             self.pagetable.release(self.pagetable.region_at(base))
+
+    def release_session(self, session):
+        """A connection closed while its process lives on: the heaps made through it go (no
+        other connection holds their allocator state, so nothing could use them again).
+        Returns how many."""
+        mine = [record for record in self.by_handle.values() if record.session is session]
+        for record in mine:
+            self._drop(record)
+        return len(mine)
 
     def release_owner(self, owner):
         """Destroy every heap of a process that is gone; returns how many."""

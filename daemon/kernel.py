@@ -75,7 +75,7 @@ class Kernel:
             "virtual_query": pages.virtual_query,
             "virtual_protect": pages.virtual_protect,
             "access": pages.access,
-            "heap_create": heaps.create,
+            "heap_create": lambda pid, *args: heaps.create(pid, *args, session=self.request[0]),
             "heap_extend": heaps.extend,
             "heap_commit": heaps.commit,
             "heap_decommit": heaps.decommit,
@@ -136,6 +136,8 @@ class Kernel:
         process = self.sessions.detach(session)
         if process is not None:
             release_process(process.pid, self)
+        else:
+            self.heaps.release_session(session)  # its heaps; the process keeps the rest
 
     def outliving(self):
         """What would be lost if the daemon exited now, in words ('' if nothing): memory

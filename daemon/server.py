@@ -178,6 +178,9 @@ class Server:
             self.shed_said = now
 
     def _read(self, session):
+        if session.closing:  # (a hang-up while its last replies go out)
+            self._flush(session)
+            return
         try:
             received = session.sock.recv_into(self.buffer)
         except (BlockingIOError, InterruptedError):
@@ -185,7 +188,12 @@ class Server:
         except OSError:
             received = 0
         if not received:
-            self._close(session)
+            if session.outbuf:  # half-closed: the replies still queued go first (_flush closes)
+                session.closing = True
+                session.want_write = True
+                self.epoll.modify(session.sock.fileno(), _WRITE)
+            else:
+                self._close(session)
             return
         try:
             frames = session.decoder.feed(self.buffer_view[:received])
@@ -280,6 +288,10 @@ class Server:
         if len(out) > MAX_PENDING_OUTPUT:
             log.warning("pid %d does not read its replies: dropped", session.pid)
             self._close(session)
+            return
+        if session.closing:
+            if not out:
+                self._close(session)
             return
         want_write = bool(out)
         if want_write != session.want_write:

@@ -14,7 +14,7 @@ from shmheap.protocol import Decoder
 class Session:
     """One client connection: its socket, framing state and pending output."""
 
-    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process", "want_write")
+    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process", "want_write", "closing")
 
     def __init__(self, sock, pid, uid):
         self.sock = sock
@@ -25,6 +25,7 @@ class Session:
         self.greeted = False
         self.process = None
         self.want_write = False  # registered for EVENT_WRITE (replies waiting to be sent)
+        self.closing = False  # the peer half-closed: send what is queued, then close
 
 
 class Process:

@@ -132,6 +132,10 @@ class Client:
         # shares the mapping, the process holds nothing there any more: close it all.
         if self.mapping is not None and self.mapping.users == 1:
             self.mapping.close_all()
+        elif self.mapping is not None:  # another client of this process goes on: only ours go
+            for heap in self.heaps.values():
+                for start, end in heap.extents():
+                    self.mapping.close(start, end)
         for heap in self.heaps.values():
             heap.abandon()  # so the purger thread leaves it alone too
         self.heaps = {}

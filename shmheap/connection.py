@@ -43,7 +43,7 @@ import weakref
 
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
-from .protocol import Decoder, encode_request, hello_request, parse_reply
+from .protocol import MAX_REPLY, Decoder, encode_request, hello_request, parse_reply
 
 # A deferred request waits at most about this long for a call to carry it. Not much less: a
 # pool that hands a worker the same buffer again within it pays no page-table walk in the
@@ -136,7 +136,7 @@ class Connection:
             self.sock = None
             raise
         _flusher.start()
-        self._decoder = Decoder()
+        self._decoder = Decoder(MAX_REPLY)
         self.deferred = []  # what they let go of went with the connection they were meant for
         handshake_access = []  # applied once the hello is known to be our daemon's
         self._apply_access = handshake_access.extend

@@ -449,6 +449,14 @@ class Heap:
                     self.hole_bytes += piece_end - piece_start
             i = bisect_left(self.hole_starts, hi)
 
+    def extents(self):
+        """(start, end) of every region of the heap's: its own, its large blocks', its cached
+        ones'."""
+        spans = [(region.base, region.end) for region in self.regions]
+        spans += [(address, address + _large_pages(size)) for address, size in self.large.items()]
+        spans += [(address, address + pages) for address, pages in self.large_cache.items()]
+        return spans
+
     def _region_of(self, address):
         for region in self.regions:
             if region.base <= address < region.end:

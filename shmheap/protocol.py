@@ -41,6 +41,7 @@ HELLO = "hello"  # the handshake op: the first request of every connection
 
 # Unpacker bounds: no frame, string or container from a peer may exceed these.
 MAX_FRAME = 1 << 20
+MAX_REPLY = 64 << 20  # what a client reads in one reply (a batch's results)
 MAX_STR = 1 << 16
 MAX_ARRAY = 1 << 17  # room for batch requests of 100k items
 MAX_MAP = 1 << 10
@@ -154,12 +155,12 @@ class RequestError(Exception):
         self.code = code
 
 
-def new_unpacker():
+def new_unpacker(limit=MAX_FRAME):
     return msgpack.Unpacker(
         raw=False,
-        max_buffer_size=MAX_FRAME,
+        max_buffer_size=limit,
         max_str_len=MAX_STR,
-        max_bin_len=MAX_FRAME,
+        max_bin_len=limit,
         max_array_len=MAX_ARRAY,
         max_map_len=MAX_MAP,
         max_ext_len=0,
@@ -171,13 +172,25 @@ class Decoder:
     """Feed bytes, get whole frames back. Raises ProtocolError on anything that is not msgpack
     within the limits; after that the connection is unusable and must be closed."""
 
-    def __init__(self):
-        self._unpacker = new_unpacker()
+    def __init__(self, limit=MAX_FRAME):
+        self._unpacker = new_unpacker(limit)
+        self.limit = limit  # bytes a frame may have (the daemon's requests: MAX_FRAME)
+        self._fed = 0  # bytes fed in all
+        self._frame_start = 0  # offset, in all that was fed, of the frame not yet whole
 
     def feed(self, data):
         try:
             self._unpacker.feed(data)
-            return list(self._unpacker)
+            self._fed += len(data)
+            frames = []
+            for frame in self._unpacker:
+                frames.append(frame)
+                self._frame_start = self._unpacker.tell()  # where the next frame starts
+            # The unpacker's own bound is on what it buffers, and it lets go of what it has
+            # parsed of an unfinished frame: the frame's whole size is bounded here.
+            if self._fed - self._frame_start > self.limit:
+                raise ProtocolError(WinError.ERROR_BAD_LENGTH, "frame exceeds the size limit")
+            return frames
         except msgpack.BufferFull:
             raise ProtocolError(WinError.ERROR_BAD_LENGTH, "frame exceeds the size limit") from None
         except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:

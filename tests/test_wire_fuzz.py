@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import random
 import socket
-import threading
 import time
 import traceback
 
@@ -221,7 +220,7 @@ def impossible_sizes(info):
         ("global_alloc", 0, -4096),
         ("global_alloc_many", 0, [2**64 - 1, 1]),
         ("global_alloc_many", 0, [size // 2] * 4),
-        ("global_alloc_many", 0, [1] * 200_000),  # past the batch bound
+        ("global_alloc_many", 0, [1] * 100_001),  # past the batch bound (MAX_BATCH), within MAX_ARRAY
         ("global_alloc_many", 0, [1, -1]),
         ("heap_create", "h", 0, 2**64 - 1, 2**64 - 1, 0),
         ("heap_create", "h", 0, 65536, 2**63, 0),  # commit beyond the reserve
@@ -438,7 +437,7 @@ def bogus_handles(path, counter, rng, held):
             args[2] &= ~GMEM_DDESHARE
         reply = raw.call(op, *args)
         assert reply[1] != GEN_FAILURE, (op, args, reply)
-        if op in MUST_FAIL_ON_BOGUS:
+        if op in MUST_FAIL_ON_BOGUS and args[0] != 0:  # (GlobalFree(NULL) succeeds, as in Win32)
             assert reply[1] != 0, (op, args, reply)
     raw.close()
 
@@ -565,33 +564,19 @@ def pattern(tag, size):
     return (unit * (size // 8 + 1))[:size]
 
 
-class GoodClient(threading.Thread):
+class GoodClient:
     """Allocates (VirtualAlloc, SharedBuffer, fixed and moveable GlobalAlloc), writes a pattern
     derived from each object's identity, and verifies every live object often: any error or
-    difference is a failure."""
+    difference is a failure. Runs in a process of its own (good_client_process), so that at
+    the end everything it had is released with it."""
 
-    def __init__(self, path, seed, stop):
-        super().__init__(name=f"good client {seed}", daemon=True)
-        self.path = path
+    def __init__(self, client, seed):
+        self.client = client
         self.rng = random.Random(seed)
-        self.seed = seed
-        self.stop = stop
         self.failures = []
         self.ops = 0
         self.live = {}  # tag -> (kind, object, size)
         self.tags = iter(range(seed << 32, (seed + 1) << 32))
-
-    def run(self):
-        try:
-            with shmheap.connect(self.path, autostart=False) as client:
-                self.client = client
-                while not self.stop.is_set():
-                    self.step()
-                for tag in list(self.live):
-                    self.verify(tag)
-                    self.free(tag)
-        except Exception:
-            self.failures.append(traceback.format_exc())
 
     def step(self):
         rng = self.rng
@@ -654,18 +639,33 @@ class GoodClient(threading.Thread):
             self.client.global_free(obj)
 
 
+def good_client_process(path, seed, seconds, conn):
+    good = GoodClient(None, seed)
+    try:
+        with shmheap.connect(path, autostart=False) as client:
+            good.client = client
+            conn.send("started")
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                good.step()
+            for tag in list(good.live):
+                good.verify(tag)
+                good.free(tag)
+            client.check()
+    except Exception:
+        good.failures.append(traceback.format_exc())
+    finally:
+        conn.send((good.ops, good.failures))
+        conn.close()
+
+
 def committed(client):
     return client.memory_status()["committed"]
 
 
 def settle_baseline(client):
-    """Warm the daemon's global heap up (its starting commit stays), and take the committed
-    bytes once they stop moving."""
-    for size in (16, 5000, 200_000):
-        buffer = client.share(size)
-        buffer.free()
-        client.global_free(client.global_alloc(GMEM_MOVEABLE, size))
-    client.echo(0)
+    """The committed bytes before anything happens (this client's process heap and the global
+    heap's starting commit), once they stop moving."""
     previous = [None]
 
     def stable():
@@ -673,13 +673,22 @@ def settle_baseline(client):
         same, previous[0] = now == previous[0], now
         return same
 
-    wait_until(stable, timeout=15, interval=0.6, what="the committed bytes to settle")
+    wait_until(stable, timeout=15, interval=0.3, what="the committed bytes to settle")
     return previous[0]
 
 
 def back_to(client, baseline, timeout=20):
-    wait_until(lambda: committed(client) == baseline, timeout=timeout, interval=0.1,
-               what=f"committed bytes back at {baseline} (now {committed(client)})")
+    """Committed bytes back at the baseline or below it (the global heap may end with less
+    than its starting commit: it purges its free pages on the daemon's tick)."""
+    try:
+        wait_until(lambda: committed(client) <= baseline, timeout=timeout, interval=0.1,
+                   what=f"committed bytes back at {baseline}")
+    except AssertionError as exc:
+        status = client.status()
+        regions = [(hex(base), size, owner, kind, pages) for base, size, owner, kind, pages in status["regions"]
+                   if pages]
+        raise AssertionError(f"{exc}: now {status['committed']}; global objects {status['global_objects']}, "
+                             f"sections {status['sections']}, committed regions {regions}") from None
 
 
 # ---- the tests -------------------------------------------------------------------------------
@@ -692,10 +701,15 @@ def test_wire_fuzz_while_clients_work(make_daemon):
 
 def fuzz_while_clients_work(daemon, client):
     baseline = settle_baseline(client)
-    stop = threading.Event()
-    good = [GoodClient(daemon.socket, seed, stop) for seed in range(1, GOOD_CLIENTS + 1)]
-    for thread in good:
-        thread.start()
+    good = []
+    for seed in range(1, GOOD_CLIENTS + 1):
+        ours, theirs = spawn.Pipe(duplex=False)
+        child = spawn.Process(target=good_client_process, args=(daemon.socket, seed, FUZZ_SECONDS + 2, theirs))
+        child.start()
+        theirs.close()
+        good.append((child, ours))
+    for child, conn in good:  # the fuzz starts once they work
+        assert conn.poll(30) and conn.recv() == "started", "a good client did not start"
     fuzzers = []
     for seed in range(FUZZERS):
         ours, theirs = spawn.Pipe(duplex=False)
@@ -708,7 +722,7 @@ def fuzz_while_clients_work(daemon, client):
     reader.start()
     theirs.close()
 
-    frames, failures, done = 0, [], {}
+    frames, failures, done, good_ops = 0, [], {}, []
     try:
         for child, conn in fuzzers:
             assert conn.poll(FUZZ_SECONDS + 60), "a fuzzer did not finish"
@@ -721,23 +735,22 @@ def fuzz_while_clients_work(daemon, client):
         sent, result = ours.recv()
         frames += sent
         assert result == "dropped", result
+        for child, conn in good:
+            assert conn.poll(FUZZ_SECONDS + 60), "a good client did not finish"
+            ops, failed = conn.recv()
+            good_ops.append(ops)
+            assert failed == [], failed[0]
+            assert ops > 20, f"a good client made only {ops} operations"
     finally:
-        stop.set()
-        for thread in good:
-            thread.join(60)
-        for child, _ in [*fuzzers, (reader, None)]:
+        for child, _ in [*fuzzers, *good, (reader, None)]:
             child.join(30)
             if child.exitcode is None:
                 child.kill()
                 child.join(5)
     print(f"fuzz frames sent: {frames}")
     print(f"fuzz scenarios run: {dict(sorted(done.items()))}")
-    print(f"good client operations: {[thread.ops for thread in good]}")
+    print(f"good client operations: {good_ops}")
     assert failures == [], "\n".join(failures[:3])
-    for thread in good:
-        assert not thread.is_alive(), f"{thread.name} hangs"
-        assert thread.failures == [], thread.failures[0]
-        assert thread.ops > 20, f"{thread.name} made only {thread.ops} operations"
     assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
     client.check()
     assert client.echo("alive") == "alive"
@@ -852,7 +865,7 @@ def test_half_close_small_replies(daemon, client):
     client.check()
 
 
-# BUG: a half-closed peer loses every reply still queued for it. server.py _read closes the
+# Regression: a half-closed peer lost every reply still queued for it. server.py _read closes the
 # session as soon as recv() returns 0 (EOF), discarding session.outbuf, so replies that did not
 # fit the socket's send buffer at once are never sent: here about 40 of 201 echo replies of
 # 10 KB arrive, then EOF. The protocol says requests may be pipelined and every one is
@@ -860,7 +873,6 @@ def test_half_close_small_replies(daemon, client):
 # requests", e.g. `printf ... | socat`) should still get them. Suggested fix: on EOF with
 # output pending, stop reading (epoll.modify to EPOLLOUT only, mark the session half-closed)
 # and close once _flush has emptied outbuf (or the peer resets / MAX_PENDING_OUTPUT applies).
-@pytest.mark.xfail(strict=True, reason="BUG: replies queued for a half-closed peer are discarded (server._read)")
 def test_half_close_keeps_its_replies(daemon, client):
     counter = [0]
     raw = fresh(daemon.socket, counter)
@@ -879,7 +891,7 @@ def test_half_close_keeps_its_replies(daemon, client):
     assert got == len(ids), f"{got} of {len(ids)} replies before the daemon closed"
 
 
-# BUG: MAX_FRAME does not bound a frame. msgpack's Unpacker parses a frame incrementally and
+# Regression: MAX_FRAME did not bound a frame. msgpack's Unpacker parses a frame incrementally and
 # drops the bytes it has parsed from its buffer, so max_buffer_size (MAX_FRAME) only bounds the
 # unparsed tail (one str/bin at most), never the whole frame: a request of 20 bins of 60 KB
 # (1.2 MB) is accepted and answered, and [bin 60 KB] * MAX_ARRAY (7.9 GB), or arrays of such
@@ -888,7 +900,6 @@ def test_half_close_keeps_its_replies(daemon, client):
 # count the bytes fed since the last whole frame (Unpacker.tell() gives the frame boundaries)
 # and raise ProtocolError(ERROR_BAD_LENGTH) once they pass MAX_FRAME, whether or not the frame
 # is complete.
-@pytest.mark.xfail(strict=True, reason="BUG: a frame over MAX_FRAME made of small items is accepted (protocol.Decoder)")
 @pytest.mark.parametrize("greet", [True, False])
 def test_frame_over_max_frame_of_small_items_is_dropped(daemon, client, greet):
     counter = [0]
@@ -898,10 +909,35 @@ def test_frame_over_max_frame_of_small_items_is_dropped(daemon, client, greet):
     assert len(data) > MAX_FRAME
     try:
         raw.send(data)
-        dropped = raw.dropped_within(REPLY_TIMEOUT)
+        dropped = raw.dropped_within(3.0)
     except Closed:
         dropped = True
     raw.close()
     assert daemon.proc.poll() is None
     client.check()
     assert dropped, f"a frame of {len(data)} bytes (MAX_FRAME {MAX_FRAME}) was accepted and answered"
+
+
+# Regression: a client that closed while its process kept another connection leaked its process heap.
+# Every connection gets a process heap of its own in the hello's write (Client._greeting), but
+# the daemon files heaps by pid (daemon/heaps.py, released by reaper.release_process only when
+# the pid's last connection closes), and the closing client forgets its heaps (Client._on_drop
+# abandons them), so nobody can ever free that heap again: with one client kept open, each
+# `with shmheap.connect(...)` in a loop leaves 64 KiB or more committed (20 rounds: 1.3 MB),
+# plus any private heap or VirtualAlloc region the client did not free. Found by the fuzz test
+# above, whose good clients were threads of this process at first. Suggested fix: the daemon
+# records the session that created a heap ("heap_create" on that connection) and Kernel.detach
+# destroys a session's process heap (and, arguably, its other heaps and private regions) when
+# that session closes; or Client.close() sends heap_destroy for its heaps before it closes.
+def test_closed_client_leaves_nothing_while_its_process_lives(daemon, client):
+    client.echo(0)
+    before = committed(client)
+    heaps_before = len(client.heap_list())
+    for _ in range(10):
+        with shmheap.connect(daemon.socket, autostart=False) as other:
+            other.echo(1)
+    wait_until(lambda: len(client.status()["processes"]) == 1 and
+               client.status()["processes"][0]["connections"] == 1, timeout=10, what="the others to close")
+    client.check()
+    assert len(client.heap_list()) == heaps_before, [h for h in client.heap_list()][:3]
+    assert committed(client) == before
