@@ -417,17 +417,32 @@ class Heap:
                 continue
             self.source.decommit(low, high - low)  # first: it may fail
             self._forget_holes(low, high)
-            self.holes[low] = high
-            insort(self.hole_starts, low)
-            self.hole_bytes += high - low
+            self._add_hole(low, high)
 
     def _forget_holes(self, start, end):
-        """The records of the holes inside [start, end) go (their pages are given back whole,
-        or committed again)."""
-        i = bisect_left(self.hole_starts, start)
+        """No hole in [start, end) any more (its pages are given back whole, or punched
+        again): the records go, those that reach outside it keep what lies outside."""
+        i = max(bisect_right(self.hole_starts, start) - 1, 0)
         while i < len(self.hole_starts) and self.hole_starts[i] < end:
-            hole = self.hole_starts.pop(i)
-            self.hole_bytes -= self.holes.pop(hole) - hole
+            hole = self.hole_starts[i]
+            hole_end = self.holes[hole]
+            if hole_end <= start:
+                i += 1
+                continue
+            self._drop_hole(hole)
+            for piece_start, piece_end in ((hole, start), (end, hole_end)):
+                if piece_end > piece_start:
+                    self._add_hole(piece_start, piece_end)
+            i = bisect_right(self.hole_starts, hole)  # the next one (a piece kept below starts at `hole`)
+
+    def _add_hole(self, start, end):
+        self.holes[start] = end
+        insort(self.hole_starts, start)
+        self.hole_bytes += end - start
+
+    def _drop_hole(self, start):
+        del self.hole_starts[bisect_left(self.hole_starts, start)]
+        self.hole_bytes -= self.holes.pop(start) - start
 
     def _refill(self, start, end):
         """Commit again the hole pages that [start, end) is about to be handed out over."""
@@ -441,12 +456,7 @@ class Heap:
                 i += 1
                 continue
             self.source.commit(lo, hi - lo)
-            self._forget_holes(hole_start, hole_start + 1)
-            for piece_start, piece_end in ((hole_start, lo), (hi, hole_end)):
-                if piece_end > piece_start:
-                    self.holes[piece_start] = piece_end
-                    insort(self.hole_starts, piece_start)
-                    self.hole_bytes += piece_end - piece_start
+            self._forget_holes(lo, hi)
             i = bisect_left(self.hole_starts, hi)
 
     def extents(self):

@@ -90,9 +90,10 @@ def test_refusals_change_nothing(make_heap):
     assert heap.check()["live"] == before["live"] - 1
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed):
-    """Random alloc/realloc/free across all three block kinds: live blocks never overlap,
+@pytest.mark.parametrize("seed,purges", [(1, False), (2, False), (3, False), (4, True), (5, True), (6, True)])
+def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed, purges):
+    """Random alloc/realloc/free across all three block kinds (and, with `purges`, the purge
+    now and then, which gives back free pages between blocks): live blocks never overlap,
     keep their bytes and sizes, and the heap goes back to its starting commit at the end."""
     rng = random.Random(seed)
     heap = make_heap()
@@ -129,6 +130,8 @@ def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed):
             size, fill = live.pop(address)
             assert heap.memory[address:address + size] == bytes([fill]) * size
             heap.free(address)
+        if purges and step % 37 == 0:
+            heap.purge()
         if step % 100 == 0:
             heap.check()
             spans = sorted((a, a + s) for a, (s, _) in live.items())

@@ -241,3 +241,23 @@ def test_no_global_memory_stays_committed_after_its_processes_are_killed(daemon,
     for handle in kept:
         assert client.global_size(handle) > 0
     client.check()
+
+
+def test_a_hole_that_becomes_part_of_the_top_is_trimmed_with_it(win32):
+    heap = win32.HeapCreate(0, 0, 0)
+    state = shmheap.default_client().heaps[heap]
+    low = win32.HeapAlloc(heap, 0, 40 * KiB)
+    middle = win32.HeapAlloc(heap, 0, 300 * KiB)
+    high = win32.HeapAlloc(heap, 0, 40 * KiB)
+    win32.HeapFree(heap, 0, middle)
+    assert win32.HeapCompact(heap, 0)
+    assert state.hole_bytes > 0  # the middle's pages went back, between live blocks
+    win32.HeapFree(heap, 0, high)  # the hole is now part of the free top ...
+    assert win32.HeapCompact(heap, 0)  # ... which the purge trims, the hole with it
+    state.check()
+    win32.write(low, b"still here")
+    blocks = [win32.HeapAlloc(heap, 0, 100 * KiB) for _ in range(4)]  # over what was given back
+    for block in blocks:
+        win32.write(block, b"y" * 100 * KiB)
+    state.check()
+    shmheap.default_client().check()
