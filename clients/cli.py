@@ -1,14 +1,14 @@
-"""The `shmheap` command: demo, bench, pool, clip, stress, status, check."""
+"""The `shmheap` command: demo, bench, pool, clip, stress, status, check, stop."""
 
 import argparse
 import sys
 import time
 
+import shmheap
+
 
 def _status(args):
-    import shmheap
-
-    with shmheap.connect(autostart=False) as client:
+    with shmheap.connect(args.socket, autostart=False) as client:
         status = client.status()
         heaps = client.heap_list()
         sections = client.section_list()
@@ -35,23 +35,35 @@ def _status(args):
 
 
 def _check(args):
-    import shmheap
+    with shmheap.connect(args.socket, autostart=False) as client:
+        for key, value in client.check().items():
+            print(f"{key}: {value}")
+    print("the daemon's invariants hold")
+    return 0
 
-    with shmheap.connect(autostart=False) as client:
-        print(client.check())
+
+def _stop(args):
+    with shmheap.connect(args.socket, autostart=False) as client:
+        pid = client.info["daemon_pid"]
+        client.shutdown()
+    print(f"shmheapd pid {pid} is shutting down")
     return 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="shmheap", description="shmheap client tool")
+    parser.add_argument("--version", action="version", version=f"shmheap {shmheap.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="show what shmheap does, with real processes")
     commands.add_parser("bench", help="benchmarks against the standard library", add_help=False)
     commands.add_parser("pool", help="a worker pool sharing numpy buffers", add_help=False)
     commands.add_parser("clip", help="the clipboard: copy, paste, list, watch, clear", add_help=False)
     commands.add_parser("stress", help="many processes at once, every byte checked, with chaos", add_help=False)
-    commands.add_parser("status", help="processes and regions of the running daemon")
-    commands.add_parser("check", help="ask the daemon to verify its invariants")
+    for name, text in (("status", "processes and regions of the running daemon"),
+                       ("check", "ask the daemon to verify its invariants"),
+                       ("stop", "ask the daemon to shut down cleanly (socket and segment removed)")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--socket", help="the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         from . import demo
@@ -70,10 +82,8 @@ def main(argv=None):
         return stress.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    import shmheap
-
     try:
-        return {"status": _status, "check": _check}[args.command](args)
+        return {"status": _status, "check": _check, "stop": _stop}[args.command](args)
     except shmheap.ShmheapError as exc:  # no daemon, or it refused: one line, not a traceback
         print(f"shmheap {args.command}: {exc}", file=sys.stderr)
         return 1

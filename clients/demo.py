@@ -6,6 +6,7 @@ outcome is not what shmheap promises raises, so the demo doubles as a smoke test
 
 import ctypes
 import faulthandler
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -87,6 +88,13 @@ def _global_peer(handle, conn):
     conn.send((seen, w.read(view, 12)))
     w.UnmapViewOfFile(view)
     w.CloseHandle(mapping)
+
+
+def _have_numpy():
+    try:
+        return importlib.util.find_spec("numpy") is not None
+    except ValueError:  # imports of it are blocked (sys.modules["numpy"] is None)
+        return False
 
 
 def _clip_writer(socket_path):
@@ -193,9 +201,12 @@ def main(argv=None):
     win32.CloseHandle(mapping)
 
     _say("\n8. A worker pool sharing numpy buffers: handed over by handle, processed in place")
-    from . import pool
+    if not _have_numpy():
+        _say("   skipped: numpy is not installed (pip install 'shmheap[numpy]')")
+    else:
+        from . import pool
 
-    _expect(pool.run(2, 4, 1 << 18, "spawn", out=lambda line: _say("   " + line)) == 0, "pool results")
+        _expect(pool.run(2, 4, 1 << 18, "spawn", out=lambda line: _say("   " + line)) == 0, "pool results")
 
     _say("\n9. The clipboard: a process copies and exits; another pastes (only a handle crosses)")
     writer = spawn.Process(target=_clip_writer, args=(client.path,))

@@ -23,7 +23,7 @@ import time
 
 from shmheap import segment
 from shmheap.errors import ShmheapError, WinError
-from shmheap.protocol import HELLO, OPS, PROTOCOL_VERSION
+from shmheap.protocol import OPS, PROTOCOL_VERSION, SERVER_OPS
 
 from .clipboard import Clipboard
 from .handles import GlobalMemory
@@ -117,7 +117,7 @@ class Kernel:
             "status": self.status,
             "check": lambda pid: self.check(),
         }
-        if set(table) != set(OPS) - {HELLO}:
+        if set(table) != set(OPS) - SERVER_OPS:
             raise RuntimeError(f"the op table and protocol.OPS disagree: {set(table) ^ set(OPS)}")
         return table
 

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import ctypes
 import fcntl
 import logging
 import os
@@ -11,11 +12,11 @@ import resource
 import signal
 import sys
 
-from shmheap import segment
+from shmheap import __version__, segment
 from shmheap.errors import ShmheapError
 
 from .kernel import Kernel
-from .server import HANDSHAKE_TIMEOUT, Server, listen, peer_is_listening
+from .server import HANDSHAKE_TIMEOUT, STOP_SIGNALS, Server, listen, peer_is_listening
 
 log = logging.getLogger("shmheapd")
 
@@ -24,6 +25,7 @@ DEFAULT_IDLE_EXIT = 0  # foreground daemons run until stopped; autostart passes 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="shmheapd", description="the shmheap daemon")
+    parser.add_argument("--version", action="version", version=f"shmheapd {__version__}")
     parser.add_argument("--socket", default=None, help="Unix socket path (default: $SHMHEAP_SOCKET "
                         "or $XDG_RUNTIME_DIR/shmheap/shmheapd.sock or /tmp/shmheap-$UID/)")
     parser.add_argument("--size", type=segment.parse_size, default=segment.DEFAULT_SIZE,
@@ -81,8 +83,18 @@ def _raise_open_file_limit():
             pass
 
 
+def _name_the_process():
+    """`pgrep shmheapd` and `top` show the daemon by its name, not as `python3`."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, b"shmheapd", 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _name_the_process()
     _raise_open_file_limit()
     path = os.path.abspath(args.socket or segment.default_socket_path())
     try:
@@ -96,7 +108,7 @@ def main(argv=None):
     # A stop request can come as soon as the socket exists (or before): remember it until the
     # server's own handlers take over, so the daemon always shuts down cleanly.
     early_signals = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: early_signals.append(signum))
     lock_fd = _take_lock(path)
     if lock_fd is None or peer_is_listening(path):

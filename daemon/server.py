@@ -19,7 +19,7 @@ import struct
 import time
 
 from shmheap.errors import ProtocolError, ShmheapError, WinError, raise_for
-from shmheap.protocol import HELLO, PROTOCOL_VERSION, RequestError, encode_reply, parse_request
+from shmheap.protocol import HELLO, PROTOCOL_VERSION, SHUTDOWN, RequestError, encode_reply, parse_request
 
 from .clipboard import PENDING
 from .sessions import Session
@@ -30,6 +30,8 @@ RECV_SIZE = 64 * 1024
 MAX_PENDING_OUTPUT = 16 << 20  # a peer that stops reading is dropped past this
 TICK = 0.25  # seconds between housekeeping rounds (pins lapsing, caches, idle exit)
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connection has to say hello
+# Each stops the daemon cleanly (socket and segment removed); SIGHUP is its terminal closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _READ, _WRITE, _CLOSED = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
 
@@ -57,7 +59,7 @@ class Server:
         self.kept_said = False  # logged once per idle spell that something keeps us up
 
     def serve_forever(self, early_signals=()):
-        """Serve until SIGTERM/SIGINT (or idle exit). `early_signals` lists any that arrived
+        """Serve until SIGTERM/SIGINT/SIGHUP (or idle exit). `early_signals` lists any that arrived
         before this loop took the handlers over. The loop does per request only what the
         request needs: time-driven work (pins lapsing, caches released, idle exit) runs on
         a timer's tick, not on every turn."""
@@ -65,7 +67,7 @@ class Server:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         tick = Ticker(TICK)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.stopping = self.stopping or bool(early_signals)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         self.listener.setblocking(False)
@@ -238,6 +240,8 @@ class Server:
         try:
             if op == HELLO:
                 error, result = 0, self._hello(session, *args)
+            elif op == SHUTDOWN:
+                error, result = 0, self._shutdown(session)
             else:
                 error, result = 0, self.kernel.ops[op](session.pid, *args)
                 if result is PENDING:
@@ -255,6 +259,14 @@ class Server:
             log.exception("access changes failed after %s for pid %d", op, session.pid)
             raise ProtocolError(WinError.ERROR_GEN_FAILURE, "internal error: access unknown")
         return encode_reply(msgid, error, result, access)
+
+    def _shutdown(self, session):
+        """`shmheap stop`: stop as SIGTERM does, once this reply is out (the loop ends after
+        this turn). Only the daemon's own user (or root) may."""
+        if session.uid not in (os.getuid(), 0):
+            raise_for(WinError.ERROR_ACCESS_DENIED, "only the daemon's own user may stop it")
+        log.info("pid %d asked the daemon to stop", session.pid)
+        self.stopping = True
 
     def _hello(self, session, version, client_info):
         if version != PROTOCOL_VERSION:

@@ -178,6 +178,10 @@ class Client:
 
     # ---- the stub: one method per op -------------------------------------------------------
 
+    def shutdown(self):
+        """Ask the daemon to stop cleanly (`shmheap stop`): every client's connection goes."""
+        self.connection.call("shutdown")
+
     def echo(self, value):
         return self.connection.call("echo", value)
 

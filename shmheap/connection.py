@@ -52,6 +52,7 @@ DEFER_SECONDS = 2.0
 MIN_WAIT = 0.01  # seconds: the shortest a waiting call waits for its answer
 MAX_POSTED = 1000  # posted requests whose replies may wait unread
 AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clients
+LOG_MAX = 1 << 20  # bytes of log an autostarted daemon appends to before it is rotated
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
 
@@ -468,8 +469,13 @@ def _open_socket(path, autostart, timeout):
             raise
         if started is None:
             started = _start_daemon(path)
+            exited = None
+        if exited is None and started.poll() is not None:
+            exited = time.monotonic()  # it may have lost a race to another's daemon: wait a moment
+        if exited is not None and time.monotonic() - exited > 1.0:
+            raise ProtocolError(WinError.ERROR_GEN_FAILURE, f"shmheapd could not start on {path}: {_said(path)}")
         if time.monotonic() > deadline:
-            raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}")
+            raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}; see {_log_path(path)}")
         time.sleep(0.01)
 
 
@@ -486,13 +492,35 @@ def _daemon_uid(sock, path):
 def _start_daemon(path):
     """Start a detached daemon on `path` that exits when idle; it logs beside its socket,
     in a folder that must be ours alone (segment.check_private_dir)."""
-    folder = os.path.dirname(path)
-    segment.check_private_dir(folder, create=True)
+    segment.check_private_dir(os.path.dirname(path), create=True)
     idle = os.environ.get("SHMHEAP_IDLE_EXIT", str(AUTOSTART_IDLE_EXIT))
-    with open(os.path.join(folder, "shmheapd.log"), "ab") as log:
+    log_path = _log_path(path)
+    try:
+        if os.path.getsize(log_path) > LOG_MAX:
+            os.replace(log_path, log_path + ".1")  # one old log kept, so it never grows without bound
+    except FileNotFoundError:
+        pass
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # the log is the user's alone, whoever made it first
+    with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "shmheapd", "--socket", path, "--idle-exit", idle],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def _log_path(path):
+    """An autostarted daemon's log: beside its socket."""
+    return os.path.join(os.path.dirname(path), "shmheapd.log")
+
+
+def _said(path):
+    """The last line the autostarted daemon wrote to its log: why it stopped."""
+    try:
+        with open(_log_path(path), "rb") as f:
+            lines = [line.strip() for line in f.read()[-4096:].decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else f"no word in {_log_path(path)}"
 
 
 class _Flusher:

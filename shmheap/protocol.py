@@ -29,7 +29,8 @@ Handshake (the first request of every connection; anything else first is refused
     (every other request gets ERROR_ACCESS_DENIED) until a hello it can accept; a peer of
     another uid gets [0, ERROR_ACCESS_DENIED, reason] and is closed before any request.
     The client sends "heap_create" for its process heap in the same write as "hello".
-    Every op but "hello" is answered by the daemon's kernel (daemon/kernel.py, its op table).
+    Every op but "hello" and "shutdown" is answered by the daemon's kernel (daemon/kernel.py,
+    its op table).
 """
 
 import msgpack
@@ -38,6 +39,8 @@ from .errors import ProtocolError, WinError
 
 PROTOCOL_VERSION = 1
 HELLO = "hello"  # the handshake op: the first request of every connection
+SHUTDOWN = "shutdown"  # the daemon stops cleanly once it has answered (its own uid only)
+SERVER_OPS = {HELLO, SHUTDOWN}  # answered by the server itself, not the kernel
 
 # Unpacker bounds: no frame, string or container from a peer may exceed these.
 MAX_FRAME = 1 << 20
@@ -143,6 +146,7 @@ OPS = {
     "clipboard_listen": (_u32,),  # may wait -> a format this process is asked to render (0: none yet)
     "status": (),
     "check": (),
+    SHUTDOWN: (),
 }
 
 

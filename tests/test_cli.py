@@ -38,3 +38,84 @@ def test_status_without_a_daemon_is_one_line_and_exit_1(short_dir):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "no shmheapd" in proc.stderr, proc.stderr
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "shmheap_clients.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_every_daemon_command_without_a_daemon_is_one_line_and_exit_1(short_dir):
+    missing = os.path.join(short_dir, "none", "d.sock")
+    for command in ("status", "check", "stop"):
+        proc = _cli(command, "--socket", missing)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and f"shmheap {command}:" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_version():
+    import shmheap
+
+    for program in (["-m", "shmheap_clients.cli"], ["-m", "shmheapd"]):
+        proc = subprocess.run([sys.executable, *program, "--version"], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith(shmheap.__version__), proc.stdout
+
+
+def test_stop_shuts_the_daemon_down_cleanly(daemon):
+    with open(f"/proc/{daemon.proc.pid}/comm") as f:
+        assert f.read().strip() == "shmheapd"  # what pgrep and top show
+    proc = _cli("stop", "--socket", daemon.socket)
+    assert proc.returncode == 0 and str(daemon.proc.pid) in proc.stdout, proc.stderr
+    assert daemon.proc.wait(10) == 0
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
+    assert "asked the daemon to stop" in daemon.log_text()
+
+
+def test_sighup_shuts_the_daemon_down_cleanly(daemon):
+    import signal
+
+    daemon.proc.send_signal(signal.SIGHUP)  # its terminal closed
+    assert daemon.proc.wait(10) == 0
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
+
+
+def test_check_reads_as_text(daemon):
+    proc = _cli("check", "--socket", daemon.socket)
+    assert proc.returncode == 0 and "the daemon's invariants hold" in proc.stdout and "{" not in proc.stdout
+
+
+def test_a_daemon_that_cannot_start_says_why_at_once(short_dir, monkeypatch):
+    import time
+
+    import shmheap
+
+    folder = os.path.join(short_dir, "tiny")
+    monkeypatch.setenv("SHMHEAP_SOCKET", os.path.join(folder, "d.sock"))
+    # The autostarted daemon reads its options from the command line only; a commit limit it
+    # cannot live with makes it exit at once, as a full /dev/shm would.
+    from shmheap import connection
+
+    real = connection.subprocess.Popen
+
+    def with_tiny_limit(args, **kwargs):
+        return real([*args, "--commit-limit", "64K"], **kwargs)
+
+    monkeypatch.setattr(connection.subprocess, "Popen", with_tiny_limit)
+    started = time.monotonic()
+    try:
+        shmheap.connect(os.path.join(folder, "d.sock"))
+        raise AssertionError("connected to a daemon that cannot have started")
+    except shmheap.ProtocolError as exc:
+        message = str(exc)
+    assert time.monotonic() - started < 8  # not the 10 s connect timeout
+    assert "could not start" in message and "1455" in message, message  # the daemon's own words
+    assert os.stat(os.path.join(folder, "shmheapd.log")).st_mode & 0o777 == 0o600
+
+
+def test_the_demo_runs_without_numpy_and_says_what_it_skipped(short_dir):
+    env = dict(os.environ, SHMHEAP_SOCKET=os.path.join(short_dir, "bare", "d.sock"), SHMHEAP_IDLE_EXIT="1")
+    script = "import sys; sys.modules['numpy'] = None; from shmheap_clients import cli; sys.exit(cli.main(['demo']))"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped: numpy is not installed" in proc.stdout and "Done: page table consistent" in proc.stdout

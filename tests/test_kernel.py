@@ -7,7 +7,7 @@ import pytest
 from shmheap.constants import FILE_MAP_ALL_ACCESS, GMEM_MOVEABLE, MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapError, ShmheapMemoryError, WinError
 from shmheap.moveable import ADDRESS_MASK
-from shmheap.protocol import HELLO, OPS
+from shmheap.protocol import OPS, SERVER_OPS
 from shmheapd.handles import LARGE_CACHE_SECONDS
 from shmheapd.sessions import Session
 
@@ -35,7 +35,7 @@ def broken(kernel):
 
 
 def test_the_op_table_answers_every_op_but_the_handshake(kernel):
-    assert set(kernel.ops) == set(OPS) - {HELLO}
+    assert set(kernel.ops) == set(OPS) - SERVER_OPS
     assert kernel.ops["echo"](PID, [1, "x"]) == [1, "x"]
     assert kernel.check()["processes"] == 0
 

@@ -42,7 +42,7 @@ INVALID_PARAMETER = WinError.ERROR_INVALID_PARAMETER
 # Ops a fuzzer leaves alone in its random well-typed requests: they may leave something that is
 # meant to outlive the process (a GMEM_SHARE object, a pin, the clipboard's data), which would
 # make "committed memory back at the baseline" untrue by design, or they wait for an event.
-UNFUZZED = {"hello", "global_pin", "clipboard_set", "clipboard_get", "clipboard_wait", "clipboard_listen",
+UNFUZZED = {"hello", "shutdown", "global_pin", "clipboard_set", "clipboard_get", "clipboard_wait", "clipboard_listen",
             "clipboard_open", "clipboard_close", "clipboard_empty"}
 GMEM_DDESHARE = 0x2000
 
