@@ -7,6 +7,19 @@ import time
 import shmheap
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` above 0 (the parser's one-line error otherwise)."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+    return check
+
+
 def _status(args):
     with shmheap.connect(args.socket, autostart=False) as client:
         status = client.status()
@@ -17,6 +30,8 @@ def _status(args):
           f" {status['resident']:,} resident")
     print(f"{'pid':>8} {'connections':>11} {'committed':>14}  since")
     for process in status["processes"]:
+        if process["pid"] == client.pid and process["connections"] == 1:
+            continue  # this command itself
         since = time.strftime("%H:%M:%S", time.localtime(process["started"]))
         print(f"{process['pid']:>8} {process['connections']:>11} {process['committed']:>14,}  {since}")
     print(f"{'heap':>14} {'name':<24} {'owner':>8} {'reserved':>14} {'committed':>14}  created")
@@ -72,7 +87,11 @@ def main(argv=None):
         from . import bench
         return bench.main(rest)
     if args.command == "pool":
-        from . import pool
+        try:
+            from . import pool
+        except ImportError as exc:
+            print(f"shmheap pool: needs numpy ({exc}): pip install 'shmheap[numpy]'", file=sys.stderr)
+            return 1
         return pool.main(rest)
     if args.command == "clip":
         from . import clip

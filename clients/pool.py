@@ -18,6 +18,8 @@ import numpy
 
 import shmheap
 
+from .cli import positive
+
 
 def transform(buffer, index):
     """In a worker: square buffer `index` in place and return the sum of the squares."""
@@ -56,13 +58,17 @@ def run(workers, buffers, count, start_method, out=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="shmheap pool", description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--buffers", type=int, default=8)
-    parser.add_argument("--count", type=int, default=1 << 20, help="float64 values per buffer")
+    parser.add_argument("--workers", type=positive(int), default=2, help="worker processes")
+    parser.add_argument("--buffers", type=positive(int), default=8, help="buffers handed to the workers")
+    parser.add_argument("--count", type=positive(int), default=1 << 20, help="float64 values per buffer")
     parser.add_argument("--start-method", default="spawn",
                         choices=multiprocessing.get_all_start_methods())
     args = parser.parse_args(argv)
-    failures = run(args.workers, args.buffers, args.count, args.start_method)
+    try:
+        failures = run(args.workers, args.buffers, args.count, args.start_method)
+    except shmheap.ShmheapError as exc:
+        print(f"shmheap pool: {exc}", file=sys.stderr)
+        return 1
     return 1 if failures else 0
 
 

@@ -35,6 +35,8 @@ import time
 
 import shmheap
 
+from .cli import positive
+
 KINDS = ("heap", "local", "virtual", "global", "share", "section", "clipboard")
 REPORT_EVERY = 0.5  # seconds between a worker's progress reports
 LIVE_PER_KIND = 8  # objects a worker keeps of each kind at most
@@ -492,22 +494,13 @@ def _mix(text):
     return kinds
 
 
-def _positive(kind):
-    def check(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-    return check
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="shmheap stress", description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", type=_positive(int), default=(os.cpu_count() or 1) * 4,
+    parser.add_argument("--procs", type=positive(int), default=(os.cpu_count() or 1) * 4,
                         help="worker processes (default: CPUs x 4)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=_positive(float), default=10.0, help="run this long (default 10)")
-    length.add_argument("--ops", type=_positive(int), default=None, help="or this many operations in all")
+    length.add_argument("--seconds", type=positive(float), default=10.0, help="run this long (default 10)")
+    length.add_argument("--ops", type=positive(int), default=None, help="or this many operations in all")
     parser.add_argument("--seed", type=int, default=1, help="the same seed gives the same mix")
     parser.add_argument("--mix", type=_mix, default=KINDS, help=f"kinds, comma-separated: {','.join(KINDS)} (default all)")
     parser.add_argument("--chaos", type=float, default=0.0, help="SIGKILL random workers at this rate per second")

@@ -119,3 +119,16 @@ def test_the_demo_runs_without_numpy_and_says_what_it_skipped(short_dir):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped: numpy is not installed" in proc.stdout and "Done: page table consistent" in proc.stdout
+
+
+def test_bad_arguments_are_the_parsers_one_line_errors():
+    for args in (["pool", "--workers", "0"], ["pool", "--count", "-5"], ["pool", "--buffers", "x"]):
+        proc = _cli(*args)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("shmheap pool: error:"), proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_status_leaves_itself_out(daemon, client):
+    proc = _cli("status", "--socket", daemon.socket)
+    pids = [line.split()[0] for line in proc.stdout.splitlines()[2:] if line.split() and line.split()[0].isdigit()]
+    assert str(client.pid) in pids and len(pids) == 1, proc.stdout  # the test's client; not the command
