@@ -34,6 +34,15 @@ from .sections import Sections
 from .sessions import Sessions
 
 
+def _command_of(pid):
+    """A process's command name, as `ps` shows it ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class Kernel:
     shm = base = global_memory = None  # a half-built kernel is safe to close
 
@@ -115,6 +124,7 @@ class Kernel:
             "clipboard_wait": lambda pid, after: clip.wait(pid, self.request, after),
             "clipboard_listen": lambda pid, wait: clip.listen(pid, self.request, wait),
             "status": self.status,
+            "stat": self.stat,
             "check": lambda pid: self.check(),
         }
         if set(table) != set(OPS) - SERVER_OPS:
@@ -191,6 +201,41 @@ class Kernel:
                 "resident": table.resident_bytes(),
                 "total_virtual": table.end - table.start,
                 "free_virtual": table.free_bytes()}
+
+    def stat(self, pid):
+        """What `shmheap stat` shows (its docstring documents the schema): totals, each
+        process, each heap, global memory, sections and the clipboard, as the daemon sees them."""
+        table, memory = self.pagetable, self.global_memory
+        reserved = {}
+        for region in table.regions_in_order():
+            reserved[region.owner] = reserved.get(region.owner, 0) + region.size
+        heaps = self.heaps.list()
+        owned = {}
+        for owner in memory.owners.values():
+            owned[owner] = owned.get(owner, 0) + 1
+        processes = [{"pid": row["pid"], "command": _command_of(row["pid"]), "connections": row["connections"],
+                      "reserved": reserved.get(row["pid"], 0), "committed": table.committed_by(row["pid"]),
+                      "heaps": sum(1 for heap in heaps if heap["owner"] == row["pid"]),
+                      "global_objects": owned.get(row["pid"], 0), "since": row["started"]}
+                     for row in self.sessions.rows()]
+        heap = memory.heap
+        return {
+            "schema": 1,
+            "daemon": {"pid": self.info["daemon_pid"], "segment": self.name},
+            "totals": {"virtual": table.end - table.start, "reserved": sum(reserved.values()),
+                       "committed": table.committed, "resident": table.resident_bytes(),
+                       "commit_limit": table.commit_limit, "process_commit_limit": table.process_commit_limit},
+            "processes": processes,
+            "heaps": [{key: row[key] for key in ("handle", "name", "owner", "reserved", "committed")} for row in heaps],
+            "global": {"objects": memory.live_objects, "shared": memory.shared_objects,
+                       "bytes": heap.live_bytes - sum(heap.size(chunk) for chunk in memory.table.chunks),
+                       "reserved": heap.reserved, "committed": heap.committed,
+                       "largest_free": heap.largest_free()},
+            "sections": [{"handle": row["handle"], "name": row["name"], "size": row["size"],
+                          "holders": len(row["handles"]), "views": sum(n for _, n in row["views"])}
+                         for row in self.sections.list()],
+            "clipboard": self.clipboard.info(pid),
+        }
 
     def status(self, pid):
         table = self.pagetable

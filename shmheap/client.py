@@ -357,6 +357,10 @@ class Client:
         """Every section: handle, name, address, size, protection, holders and views."""
         return self.connection.call("section_list")
 
+    def stat(self):
+        """What the daemon holds, for `shmheap stat` (clients/stat.py documents the schema)."""
+        return self.connection.call("stat")
+
     def status(self):
         """Processes, regions, commit and resident bytes, global objects, sections."""
         return self.connection.call("status")

@@ -931,6 +931,12 @@ class Heap:
             _large_pages(size) for size in self.large.values()) + sum(self.large_cache.values())
 
     @property
+    def live_bytes(self):
+        """Bytes the live blocks hold, at their exact sizes."""
+        return sum(self.medium.values()) + sum(self.large.values()) + sum(
+            size for slab in self.slab_set for size in slab.sizes if size != SLOT_FREE)
+
+    @property
     def reserved(self):
         return sum(region.reserved for region in self.regions) + sum(
             round_up(size, PAGE_SIZE) for size in self.large.values())

@@ -145,6 +145,7 @@ OPS = {
     "clipboard_wait": (_u64,),  # after -> the sequence number, once past it
     "clipboard_listen": (_u32,),  # may wait -> a format this process is asked to render (0: none yet)
     "status": (),
+    "stat": (),  # -> clients/stat.py documents the schema
     "check": (),
     SHUTDOWN: (),
 }

@@ -1,0 +1,89 @@
+"""`shmheap stat` against what test processes made: the numbers must match exactly."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import shmheap
+from shmheap.constants import PAGE_READWRITE
+from conftest import receive
+
+MiB = 2**20
+spawn = multiprocessing.get_context("spawn")
+
+
+def _maker(socket_path, conn):
+    client = shmheap.connect(socket_path, autostart=False)
+    client.create_heap("stat me", initial=MiB)
+    region = client.virtual_alloc(0, MiB)
+    objects = [client.global_alloc(0, 1000) for _ in range(3)]
+    section, _ = client.section_create(PAGE_READWRITE, 65536, "stat section")
+    conn.send((os.getpid(), region, objects, section))
+    conn.recv()  # hold it all until the test has looked
+
+
+def _stat(socket_path, *args):
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "stat", "--json", "--socket", socket_path,
+                           *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_stat_json_matches_what_the_processes_made(daemon, client):
+    ours, theirs = spawn.Pipe()
+    child = spawn.Process(target=_maker, args=(daemon.socket, theirs), daemon=True)
+    child.start()
+    try:
+        pid, region, objects, section = receive(ours)
+        before = (client.memory_status()["committed"], daemon.resident_bytes())
+        stat = _stat(daemon.socket)
+        after = (client.memory_status()["committed"], daemon.resident_bytes())
+        status = client.status()
+        assert stat["schema"] == 1 and stat["daemon"]["pid"] == daemon.proc.pid
+        row = next(p for p in stat["processes"] if p["pid"] == pid)
+        regions = [r for r in status["regions"] if r[2] == pid]
+        assert row["reserved"] == sum(size for _, size, _, _, _ in regions)
+        assert row["committed"] == next(p["committed"] for p in status["processes"] if p["pid"] == pid)
+        assert row["heaps"] == 2 and row["global_objects"] == 3 and row["connections"] == 1
+        assert row["command"] in ("python3", "python") or row["command"].startswith("python")
+        heap = next(h for h in stat["heaps"] if h["name"] == "stat me")
+        assert heap["owner"] == pid and heap["committed"] == MiB
+        assert stat["global"]["objects"] == 3 and stat["global"]["bytes"] == 3000 and stat["global"]["shared"] == 0
+        assert [(s["name"], s["size"], s["holders"]) for s in stat["sections"]] == [("stat section", 65536, 1)]
+        totals = stat["totals"]
+        # Nothing else allocates meanwhile but the stat command's own connection (its process
+        # heap); the daemon's purge may give pages back: between the two, less that.
+        own = sum(p["committed"] for p in stat["processes"] if p["pid"] not in (pid, client.pid))
+        assert before[0] >= totals["committed"] - own >= after[0]
+        assert before[1] >= totals["resident"] - own >= after[1]
+        own_reserved = sum(p["reserved"] for p in stat["processes"] if p["pid"] not in (pid, client.pid))
+        assert totals["reserved"] - own_reserved == sum(size for _, size, _, _, _ in status["regions"])
+        assert sum(p["committed"] for p in stat["processes"]) <= totals["committed"]
+        assert stat["clipboard"]["formats"] == []
+    finally:
+        ours.send("done")
+        child.join(10)
+
+
+def test_stat_tables_and_watch(daemon, client):
+    client.create_heap("shown", initial=MiB)
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "stat", "--socket", daemon.socket],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "shown" in proc.stdout and f"shmheapd pid {daemon.proc.pid}" in proc.stdout
+    watcher = subprocess.Popen([sys.executable, "-m", "shmheap_clients.cli", "stat", "--json", "--watch", "0.2",
+                                "--socket", daemon.socket], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=10)
+    assert out.count('"schema": 1') >= 2  # refreshed
+
+
+def test_stat_without_a_daemon_is_one_line(short_dir):
+    proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "stat", "--socket",
+                           os.path.join(short_dir, "none.sock")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "shmheap stat:" in proc.stderr
