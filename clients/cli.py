@@ -1,4 +1,4 @@
-"""The `shmheap` command: demo, bench, pool, clip, stress, stat, status, check, stop."""
+"""The `shmheap` command: demo, bench, pool, clip, stress, stat, map, status, check, stop."""
 
 import argparse
 import sys
@@ -75,6 +75,7 @@ def main(argv=None):
     commands.add_parser("clip", help="the clipboard: copy, paste, list, watch, clear", add_help=False)
     commands.add_parser("stress", help="many processes at once, every byte checked, with chaos", add_help=False)
     commands.add_parser("stat", help="what the daemon holds: totals, processes, heaps, global memory", add_help=False)
+    commands.add_parser("map", help="the segment drawn page by page (VMMap-style), as text or SVG", add_help=False)
     for name, text in (("status", "processes and regions of the running daemon"),
                        ("check", "ask the daemon to verify its invariants"),
                        ("stop", "ask the daemon to shut down cleanly (socket and segment removed)")):
@@ -103,6 +104,9 @@ def main(argv=None):
     if args.command == "stat":
         from . import stat
         return stat.main(rest)
+    if args.command == "map":
+        from . import map as page_map
+        return page_map.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

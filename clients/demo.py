@@ -219,6 +219,17 @@ def main(argv=None):
     _say(f"   formats: {formats} (the last three made from the first, as Windows does)")
     _expect(text == f"copied by pid {writer.pid}", "the pasted text")
     client.clipboard.clear()
+
+    _say("\n10. What the daemon holds now (shmheap map and shmheap stat show more)")
+    from . import map as page_map
+
+    page_map_now = client.page_map()
+    drawn, scale, counts = page_map.tally(page_map_now, cells=256)
+    for line in page_map.render_text(drawn, scale, counts, page_map_now["page_size"], width=64):
+        _say("   " + line)
+    totals = client.stat()["totals"]
+    _say(f"   committed {totals['committed']:,} bytes, {totals['resident']:,} in tmpfs (the segment's header"
+         f" page besides); what the demo freed goes back within seconds, as the heaps' purge delay says")
     client.check()
     _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
     return 0

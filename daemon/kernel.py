@@ -125,6 +125,7 @@ class Kernel:
             "clipboard_listen": lambda pid, wait: clip.listen(pid, self.request, wait),
             "status": self.status,
             "stat": self.stat,
+            "page_map": self.page_map,
             "check": lambda pid: self.check(),
         }
         if set(table) != set(OPS) - SERVER_OPS:
@@ -236,6 +237,15 @@ class Kernel:
                          for row in self.sections.list()],
             "clipboard": self.clipboard.info(pid),
         }
+
+    def page_map(self, pid):
+        """Every region's pages as runs, for `shmheap map`: {start, end, page_size, regions:
+        [[base, size, owner, kind, [[first page, stop page, committed], ...]], ...]}."""
+        table = self.pagetable
+        return {"start": table.start, "end": table.end, "page_size": segment.PAGE_SIZE,
+                "regions": [[r.base, r.size, r.owner, r.kind,
+                             [[first, stop, value != 0] for first, stop, value in r.runs(0, r.pages)]]
+                            for r in table.regions_in_order()]}
 
     def status(self, pid):
         table = self.pagetable

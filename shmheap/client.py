@@ -357,6 +357,10 @@ class Client:
         """Every section: handle, name, address, size, protection, holders and views."""
         return self.connection.call("section_list")
 
+    def page_map(self):
+        """Every region's pages as runs, committed or reserved (`shmheap map`)."""
+        return self.connection.call("page_map")
+
     def stat(self):
         """What the daemon holds, for `shmheap stat` (clients/stat.py documents the schema)."""
         return self.connection.call("stat")

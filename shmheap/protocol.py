@@ -146,6 +146,7 @@ OPS = {
     "clipboard_listen": (_u32,),  # may wait -> a format this process is asked to render (0: none yet)
     "status": (),
     "stat": (),  # -> clients/stat.py documents the schema
+    "page_map": (),  # -> every region's pages as runs (clients/map.py)
     "check": (),
     SHUTDOWN: (),
 }

@@ -13,7 +13,7 @@ def test_demo_autostarts_a_daemon_and_every_step_holds(short_dir):
     proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "demo"], env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for step in range(1, 9):
+    for step in range(1, 11):
         assert f"\n{step}. " in "\n" + proc.stdout
     assert "Done: page table consistent" in proc.stdout
     wait_until(lambda: not os.path.exists(socket_path), what="the demo's idle daemon to exit")
