@@ -132,3 +132,15 @@ def test_status_leaves_itself_out(daemon, client):
     proc = _cli("status", "--socket", daemon.socket)
     pids = [line.split()[0] for line in proc.stdout.splitlines()[2:] if line.split() and line.split()[0].isdigit()]
     assert str(client.pid) in pids and len(pids) == 1, proc.stdout  # the test's client; not the command
+
+
+def test_elsewhere_than_linux_the_import_says_so():
+    script = "import sys; sys.platform = 'darwin'; import shmheap"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "ImportError: shmheap runs on Linux only, not on darwin" in proc.stderr
+
+
+def test_the_package_says_it_is_typed():
+    import importlib.resources
+
+    assert importlib.resources.files("shmheap").joinpath("py.typed").is_file()
