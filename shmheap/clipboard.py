@@ -13,8 +13,7 @@ formats and bytes for the rest.
 import time
 from dataclasses import dataclass
 
-from .constants import (CF_OEMTEXT, CF_TEXT, CF_UNICODETEXT, CLIPBOARD_FORMAT_NAMES, GMEM_FIXED,
-                        GMEM_MOVEABLE)
+from .constants import CF_OEMTEXT, CF_TEXT, CF_UNICODETEXT, CLIPBOARD_FORMAT_NAMES, GMEM_FIXED
 from .errors import ShmheapError, WinError, raise_for
 
 BINARY_FORMAT = "application/octet-stream"  # the registered format bytes go under by default
@@ -204,15 +203,11 @@ class Clipboard:
         return fmt, payload
 
     def _global_object(self, payload):
-        """A moveable global object holding `payload`, written in place."""
-        size = len(payload)
-        handle = self.client.global_alloc(GMEM_MOVEABLE, max(size, 1))
+        """A GMEM_FIXED global object holding `payload`, made as `copy` makes them: one
+        round trip, and its handle is its address, written in place."""
+        ((handle, _),) = self.client.global_alloc_many(GMEM_FIXED, [len(payload)])
         try:
-            pointer = self.client.global_lock(handle)
-            try:
-                self.client.view(pointer, size, write=True)[:] = payload
-            finally:
-                self.client.global_unlock(handle)
+            self.client.view(handle, len(payload), write=True)[:] = payload
         except BaseException:
             self.client.global_free(handle)
             raise
