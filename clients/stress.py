@@ -147,23 +147,8 @@ class Worker:
         self._keep_or_free("heap", (block, size, identity), free)
 
     def _local(self):
-        w, size, identity = self.w, self.rng.choice(SIZES), self.identity()
-        handle = self._timed("LocalAlloc", w.LocalAlloc, w.LMEM_MOVEABLE, size)
-        pointer = w.LocalLock(handle)
-        w.write(pointer, pattern(identity, size))
-        w.LocalUnlock(handle)
-
-        def read(h, n):
-            data = w.read(w.LocalLock(h), n)
-            w.LocalUnlock(h)
-            return data
-        self._touch_one("local", read)
-
-        def free(item):
-            self._check(read(item[0], item[1]), item[2], "local object")
-            if w.LocalFree(item[0]):
-                raise Failure(f"LocalFree failed: {w.GetLastError()}")
-        self._keep_or_free("local", (handle, size, identity), free)
+        w = self.w
+        self._moveable("local", w.LocalAlloc, w.LMEM_MOVEABLE, w.LocalLock, w.LocalUnlock, w.LocalFree)
 
     def _virtual(self):
         w, identity = self.w, self.identity()
@@ -181,25 +166,33 @@ class Worker:
         self._keep_or_free("virtual", (base, size, identity), free)
 
     def _global(self):
+        w = self.w
+        self._moveable("global", w.GlobalAlloc, w.GMEM_MOVEABLE, w.GlobalLock, w.GlobalUnlock, w.GlobalFree,
+                       post=True)
+
+    def _moveable(self, kind, alloc, flags, lock, unlock, free, post=False):
+        """A LocalAlloc or GlobalAlloc object: moveable, its bytes written and read under its
+        lock; a global one is sometimes posted for another worker to look at."""
         w, size, identity = self.w, self.rng.choice(SIZES), self.identity()
-        handle = self._timed("GlobalAlloc", w.GlobalAlloc, w.GMEM_MOVEABLE, size)
-        w.write(w.GlobalLock(handle), pattern(identity, size))
-        w.GlobalUnlock(handle)
-        if self.rng.random() < 0.3:
-            self.conn.send(("post", "global", handle, size, identity))  # another worker may look
-        self._receive()
+        handle = self._timed(alloc.__name__, alloc, flags, size)
 
         def read(h, n):
-            data = w.read(w.GlobalLock(h), n)
-            w.GlobalUnlock(h)
+            data = w.read(lock(h), n)
+            unlock(h)
             return data
-        self._touch_one("global", read)
+        w.write(lock(handle), pattern(identity, size))
+        unlock(handle)
+        if post:
+            if self.rng.random() < 0.3:
+                self.conn.send(("post", kind, handle, size, identity))  # another worker may look
+            self._receive()
+        self._touch_one(kind, read)
 
-        def free(item):
-            self._check(read(item[0], item[1]), item[2], "global object")
-            if w.GlobalFree(item[0]):
-                raise Failure(f"GlobalFree failed: {w.GetLastError()}")
-        self._keep_or_free("global", (handle, size, identity), free)
+        def release(item):
+            self._check(read(item[0], item[1]), item[2], f"{kind} object")
+            if free(item[0]):  # NULL on success
+                raise Failure(f"{free.__name__} failed: {w.GetLastError()}")
+        self._keep_or_free(kind, (handle, size, identity), release)
 
     def _share(self):
         size, identity = self.rng.choice(SIZES), self.identity()
