@@ -411,8 +411,12 @@ class Heap:
         committed again when a block is carved over them (_refill)."""
         if self.checking:
             return  # free bytes there hold FREE_FILL, which a hole would lose
+        first = self.regions[0]
+        floor = self.base + self.initial_commit  # the starting commit stays, as _trim keeps it
         for start, end in list(self.free_start.items()):
             low, high = round_up(start, PAGE_SIZE), end - end % PAGE_SIZE
+            if first.base <= start < first.end:
+                low = max(low, floor)
             if high - low < HOLE_MIN or self.holes.get(low) == high:
                 continue
             self.source.decommit(low, high - low)  # first: it may fail
