@@ -9,12 +9,14 @@ import fcntl
 import logging
 import os
 import resource
+import shlex
 import signal
 import sys
 
 from shmheap import __version__, segment
 from shmheap.errors import ShmheapError
 
+from .access import READ_WRITE, SEARCH, Access, parse_group
 from .kernel import Kernel
 from .server import HANDSHAKE_TIMEOUT, STOP_SIGNALS, Server, listen, peer_is_listening
 
@@ -39,15 +41,63 @@ def parse_args(argv):
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                         help="seconds a connection has to say hello before it is dropped")
     parser.add_argument("--allow-uid", type=int, action="append", default=[],
-                        help="also accept clients of this uid (repeatable)")
+                        help="also let in clients of this uid (repeatable)")
+    parser.add_argument("--allow-group", type=_group, action="append", default=[],
+                        help="also let in clients in this group, by name or gid (repeatable)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-file", default=None, help="log here instead of stderr")
+    parser.add_argument("--systemd-unit", action="store_true",
+                        help="print a systemd user unit that runs this daemon with these options, and exit")
     args = parser.parse_args(argv)
     args.size = segment.round_size(args.size)
     if args.size > segment.MAX_SIZE:
         parser.error("--size is at most 1T")
     return args
+
+
+def systemd_unit(argv):
+    """A systemd user unit running this daemon, by this interpreter (so a virtual environment's
+    install runs as it is), on the default socket in the user's runtime folder (%t), logging
+    to the journal, with `argv`'s other options."""
+    options = []
+    skip = False
+    for arg in argv:  # every option but the ones the unit sets itself
+        if skip:
+            skip = False
+        elif arg in ("--systemd-unit",):
+            continue
+        elif arg in ("--socket", "--log-file", "--idle-exit"):
+            skip = True
+        elif not arg.startswith(("--socket=", "--log-file=", "--idle-exit=")):
+            options.append(_unit_word(arg))
+    command = " ".join([_unit_word(sys.executable), "-m", "shmheapd", "--socket",
+                        "%t/shmheap/shmheapd.sock", "--idle-exit", "0", *options])
+    return f"""[Unit]
+Description=shmheap daemon: one shared-memory segment for this user's processes
+
+[Service]
+Type=simple
+ExecStart={command}
+# SIGTERM stops it cleanly: socket and segment removed.
+KillSignal=SIGTERM
+Restart=on-failure
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def _unit_word(text):
+    """`text` as one word of an ExecStart line: quoted, and % and $ not taken as systemd's."""
+    return shlex.quote(text).replace("%", "%%").replace("$", "$$")
+
+
+def _group(text):
+    try:
+        return parse_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _default_commit_limit(size):
@@ -93,7 +143,11 @@ def _name_the_process():
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.systemd_unit:
+        sys.stdout.write(systemd_unit(argv))
+        return 0
     _name_the_process()
     _raise_open_file_limit()
     path = os.path.abspath(args.socket or segment.default_socket_path())
@@ -128,11 +182,20 @@ def main(argv=None):
         print(f"shmheapd: cannot build the segment {name}: {exc}", file=sys.stderr)
         os.close(lock_fd)
         return 1
+    access = Access(args.allow_uid, args.allow_group)
     listener = None
     try:
-        listener = listen(path)
-        log.info("serving %s on %s (%d bytes virtual, commit limit %d)", name, path, args.size, commit_limit)
-        server = Server(listener, kernel, allowed_uids={os.getuid(), *args.allow_uid},
+        try:
+            access.grant(kernel.shm.fd, READ_WRITE)
+            listener = listen(path, lambda temp: access.grant(temp, READ_WRITE))
+            access.grant(os.path.dirname(path), SEARCH)
+        except OSError as exc:
+            print(f"shmheapd: cannot let in {access.describe()}: {exc.strerror} "
+                  f"(sharing needs POSIX ACLs on /dev/shm and on the socket's folder)", file=sys.stderr)
+            return 1
+        log.info("serving %s on %s (%d bytes virtual, commit limit %d; also letting in %s)",
+                 name, path, args.size, commit_limit, access.describe())
+        server = Server(listener, kernel, access=access,
                         idle_exit=args.idle_exit, handshake_timeout=args.handshake_timeout)
         server.serve_forever(early_signals)
     finally:

@@ -37,11 +37,11 @@ _READ, _WRITE, _CLOSED = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | sele
 
 
 class Server:
-    def __init__(self, listener, kernel, *, allowed_uids, idle_exit, handshake_timeout=HANDSHAKE_TIMEOUT):
+    def __init__(self, listener, kernel, *, access, idle_exit, handshake_timeout=HANDSHAKE_TIMEOUT):
         self.listener = listener
         self.kernel = kernel
         kernel.respond = self._respond
-        self.allowed_uids = allowed_uids
+        self.access = access  # who may connect (access.py)
         self.idle_exit = idle_exit
         self.epoll = select.epoll()
         self.handlers = {}  # fd -> Session, or a callable for the listener, wakeup and tick
@@ -142,8 +142,8 @@ class Server:
             else:
                 log.warning("accept failed: %s", exc)
             return
-        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        if uid not in self.allowed_uids:
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if not self.access.admits(pid, uid, gid):
             log.warning("refused pid %d of uid %d", pid, uid)
             try:
                 sock.setblocking(False)
@@ -336,9 +336,10 @@ def peer_is_listening(path):
         probe.close()
 
 
-def listen(path):
-    """A listening socket at `path`, mode 0600, that accepts from the instant the path exists:
-    bound and listening under a temporary name, then renamed into place."""
+def listen(path, grant=lambda temp: None):
+    """A listening socket at `path`, mode 0600 plus what `grant(temp path)` adds, that accepts
+    from the instant the path exists: bound and listening under a temporary name, then
+    renamed into place."""
     temp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -346,6 +347,7 @@ def listen(path):
             os.unlink(temp)
         sock.bind(temp)
         os.chmod(temp, 0o600)
+        grant(temp)
         sock.listen(128)
         os.rename(temp, path)
     except BaseException:

@@ -58,6 +58,8 @@ RECV_SIZE = 64 * 1024
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TRUSTED_UIDS = (0,)  # besides our own: root's daemon, which lets users in with --allow-uid
+# Another user's daemon that lets us in is trusted only when we say so: it names the segment.
+DAEMON_UID_ENV = "SHMHEAP_DAEMON_UID"
 _connections = weakref.WeakSet()
 traffic = [0, 0]  # bytes this process sent to and received from daemons, every connection
 _unsettled = {}  # daemon socket path -> connections with posted replies still unread
@@ -460,6 +462,10 @@ def _open_socket(path, autostart, timeout):
         try:
             sock.connect(path)
             return sock
+        except PermissionError:
+            sock.close()
+            raise_for(WinError.ERROR_ACCESS_DENIED, f"not allowed to connect to {path}: its daemon lets in "
+                      "its own user and those it is started with (--allow-uid, --allow-group)")
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             if not autostart:
@@ -480,12 +486,13 @@ def _open_socket(path, autostart, timeout):
 
 
 def _daemon_uid(sock, path):
-    """The uid the daemon on `sock` runs as (SO_PEERCRED): ours, or root's (a system daemon
-    that lets us in with --allow-uid). Anyone else's could name a segment of its choosing
-    for us to map: refused before the handshake."""
+    """The uid the daemon on `sock` runs as (SO_PEERCRED): ours, root's (a system daemon
+    that lets us in with --allow-uid), or the one `$SHMHEAP_DAEMON_UID` names. Anyone else's
+    could name a segment of its choosing for us to map: refused before the handshake."""
     _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    if uid != os.getuid() and uid not in _TRUSTED_UIDS:
-        raise_for(WinError.ERROR_ACCESS_DENIED, f"the listener on {path} runs as uid {uid}, not as us: refused")
+    if uid != os.getuid() and uid not in _TRUSTED_UIDS and str(uid) != os.environ.get(DAEMON_UID_ENV):
+        raise_for(WinError.ERROR_ACCESS_DENIED, f"the listener on {path} runs as uid {uid}, not as us: "
+                  f"refused (set {DAEMON_UID_ENV}={uid} to trust it)")
     return uid
 
 

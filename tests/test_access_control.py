@@ -4,6 +4,7 @@ uid (or root's), and one process cannot use another's private heaps, regions or 
 session."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ import shmheap
 from shmheap import connection
 from shmheap.constants import MEM_DECOMMIT, MEM_RELEASE, PAGE_READONLY
 from shmheap.errors import WinError
+from shmheapd.main import main as daemon_main
 from shmheapd.server import peer_is_listening
+from conftest import Daemon, in_forked_child, wait_until
 from win32_checks import expect
 
 
@@ -99,3 +102,133 @@ def test_a_process_cannot_use_anothers_private_heaps_regions_or_clipboard_sessio
     # All of it still works for its owner.
     assert other.ok("HeapFree", heap, 0, block) and other.ok("HeapDestroy", heap)
     assert other.ok("VirtualFree", region, 0, MEM_RELEASE) and other.ok("CloseClipboard")
+
+
+# ---- sharing with other users (--allow-uid, --allow-group) -------------------------------------
+# These take other uids, which needs root; a user's own daemon and clients are all the tests
+# above. NOBODY stands for the user let in, STRANGER for one who is not.
+
+NOBODY, STRANGER, CREW = 65534, 65533, 65532
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be another uid")
+
+
+def _as_user(uid, body, groups=(), env=None):
+    """Run body() in a forked child turned into `uid` (primary group `uid`, plus `groups`)."""
+    def child():
+        os.setgroups(list(groups))
+        os.setgid(uid)
+        os.setuid(uid)
+        os.environ.update(env or {})
+        return body()
+    return in_forked_child(child)
+
+
+def _connect_code(socket_path, work=None):
+    """A child body: 0 if it connects (and `work(client)` returns 0), 10 if refused with
+    ERROR_ACCESS_DENIED, 11 for any other error."""
+    def body():
+        try:
+            with shmheap.connect(socket_path, autostart=False) as client:
+                return work(client) if work else 0
+        except shmheap.ShmheapPermissionError as exc:
+            return 10 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 11
+        except Exception:
+            return 11
+    return body
+
+
+def _reachable(short_dir):
+    os.chmod(short_dir, 0o711)  # others may pass through the test's folder (not list it)
+
+
+def _widen_by_hand(daemon):
+    os.chmod(daemon.folder, 0o711)
+    os.chmod(daemon.socket, 0o666)
+
+
+@needs_root
+def test_another_user_is_refused_by_default_by_the_files_themselves(short_dir, make_daemon):
+    _reachable(short_dir)
+    daemon = make_daemon()
+    assert os.stat(daemon.socket).st_mode & 0o077 == 0 and os.stat(daemon.folder).st_mode & 0o077 == 0
+    assert _as_user(NOBODY, _connect_code(daemon.socket)) == 10
+    assert "refused pid" not in daemon.log_text()  # the kernel refused it: the daemon saw nothing
+
+
+@needs_root
+def test_a_user_let_in_shares_memory_with_the_owner_and_no_one_else_gets_in(short_dir, make_daemon):
+    _reachable(short_dir)
+    daemon = make_daemon("--allow-uid", str(NOBODY))
+    with shmheap.connect(daemon.socket, autostart=False) as owner:
+        shared = owner.share(64)
+        shared.view()[:5] = b"owner"
+
+        def work(client):
+            view = client.view(client.global_lock(shared.address), 64)
+            if bytes(view[:5]) != b"owner":
+                return 20
+            view[:5] = b"guest"
+            client.global_unlock(shared.address)
+            address = client.virtual_alloc(0, 1 << 16)  # its own memory too
+            client.view(address, 5)[:] = b"pages"
+            return 0
+
+        assert _as_user(NOBODY, _connect_code(daemon.socket, work)) == 0
+        assert bytes(shared.view()[:5]) == b"guest"
+        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+        # and a stranger who reaches the socket anyway (its mode widened by hand) is refused
+        # by the daemon, which checks every peer's credentials itself
+        _widen_by_hand(daemon)
+        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+        assert "refused pid" in daemon.log_text()
+        assert owner.echo(1) == 1
+
+
+@needs_root
+def test_a_group_let_in_admits_its_members_by_their_supplementary_groups(short_dir, make_daemon):
+    _reachable(short_dir)
+    daemon = make_daemon("--allow-group", str(CREW))
+    assert _as_user(NOBODY, _connect_code(daemon.socket), groups=[CREW]) == 0
+    assert _as_user(NOBODY, _connect_code(daemon.socket)) == 10
+    _widen_by_hand(daemon)
+    assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+    assert "refused pid" in daemon.log_text()  # the daemon's own check
+
+
+@needs_root
+def test_a_users_own_daemon_shared_with_another_is_trusted_only_when_the_client_says_so(short_dir):
+    _reachable(short_dir)
+    folder = os.path.join(short_dir, "nobody")
+    os.mkdir(folder, 0o700)
+    os.chown(folder, NOBODY, NOBODY)
+    daemon = Daemon(folder, "--allow-uid", str(STRANGER))
+    # The daemon runs as NOBODY in a forked child: NOBODY cannot exec this root-owned Python.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os._exit(daemon_main(daemon.args))
+        finally:
+            os._exit(99)
+    try:
+        wait_until(lambda: peer_is_listening(daemon.socket) or os.waitpid(pid, os.WNOHANG)[0],
+                   what="nobody's daemon to listen")
+        assert peer_is_listening(daemon.socket), daemon.log_text()
+        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10  # "runs as uid 65534"
+        trusting = {connection.DAEMON_UID_ENV: str(NOBODY)}
+        assert _as_user(STRANGER, _connect_code(daemon.socket), env=trusting) == 0
+        assert _as_user(CREW, _connect_code(daemon.socket), env=trusting) == 10  # not let in
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, daemon.log_text()
+    assert not os.path.exists(daemon.socket) and not daemon.segment_exists()
+
+
+def test_an_unknown_group_is_the_parsers_one_line_error(short_dir):
+    proc = subprocess.run([sys.executable, "-m", "shmheapd", "--socket", os.path.join(short_dir, "d.sock"),
+                           "--allow-group", "no-such-group-here"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no group named 'no-such-group-here'" in proc.stderr
+    assert "Traceback" not in proc.stderr

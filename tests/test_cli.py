@@ -144,3 +144,44 @@ def test_the_package_says_it_is_typed():
     import importlib.resources
 
     assert importlib.resources.files("shmheap").joinpath("py.typed").is_file()
+
+
+def test_the_systemd_unit_runs_the_daemon_it_describes(short_dir):
+    import shlex
+    import shutil
+    import signal
+
+    from shmheap import segment
+
+    proc = subprocess.run([sys.executable, "-m", "shmheapd", "--systemd-unit", "--size", "512M",
+                           "--socket", "/ignored.sock", "--log-level", "WARNING"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    unit = proc.stdout
+    (line,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert "ignored" not in line and line.count("--socket") == 1
+    if shutil.which("systemd-analyze"):  # where systemd is at hand, it must accept the unit
+        path = os.path.join(short_dir, "shmheapd.service")
+        with open(path, "w") as f:
+            f.write(unit)
+        checked = subprocess.run(["systemd-analyze", "verify", "--user", path], capture_output=True, text=True,
+                                 timeout=60, env={**os.environ, "XDG_RUNTIME_DIR": short_dir})
+        assert checked.returncode == 0, checked.stderr
+    # Run the command the unit runs, %t being the user's runtime folder.
+    runtime = os.path.join(short_dir, "run")
+    os.mkdir(runtime, 0o700)
+    command = shlex.split(line[len("ExecStart="):].replace("%t", runtime))
+    assert command[0] == sys.executable and "512M" in command
+    daemon = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    socket_path = os.path.join(runtime, "shmheap", "shmheapd.sock")
+    try:
+        import shmheap
+
+        wait_until(lambda: os.path.exists(socket_path) or daemon.poll() is not None, what="the unit's daemon")
+        with shmheap.connect(socket_path, autostart=False) as client:
+            assert client.info["size"] == 512 << 20 and client.echo(1) == 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)  # systemctl stop
+        assert daemon.wait(10) == 0, daemon.stderr.read()
+        daemon.stderr.close()
+    assert not os.path.exists(socket_path) and not os.path.exists("/dev/shm" + segment.segment_name(socket_path))
