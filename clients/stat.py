@@ -7,13 +7,22 @@ The JSON schema (version 1, in "schema"; fields are added, never renamed or remo
     totals      {virtual, reserved, committed, resident, commit_limit, process_commit_limit}:
                 bytes; `resident` is what tmpfs holds of the segment (its header page
                 included), `committed` what the daemon counts
-    processes   [{pid, command, connections, reserved, committed, heaps, global_objects,
-                  since}]: each connected process; bytes of its own regions (private and
-                  heaps), the global objects it owns, when it first connected (Unix time)
-    heaps       [{handle, name, owner, reserved, committed}]: every private heap (the owner's
-                process heap included)
-    global      {objects, shared, bytes, reserved, committed, largest_free}: the global heap;
-                `bytes` what its live objects hold, `shared` those no process owns
+    processes   [{pid, command, connections, reserved, committed, private_reserved,
+                  private_committed, heap_reserved, heap_committed, heaps, global_objects,
+                  since}]: each connected process; bytes of its own regions (`reserved` and
+                  `committed` all of them, then its private regions and its heaps' apart),
+                  the global objects it owns, when it first connected (Unix time)
+    heaps       [{handle, name, owner, reserved, committed, blocks, free, largest_free,
+                  fragmentation, reported}]: every private heap (the owner's process heap
+                  included). What lies inside a heap only its process knows: it reports live
+                  blocks, committed free bytes and the largest free range about once a
+                  second while the heap changes; `reported` is that report's age in seconds
+                  (these five are null until the first report, and stay null for a
+                  HEAP_NO_SERIALIZE heap, which no other thread may read). fragmentation =
+                  1 - largest free range / free bytes (0: one free range)
+    global      {objects, shared, bytes, reserved, committed, free, largest_free,
+                 fragmentation}: the global heap, as of now; `bytes` what its live objects
+                 hold, `shared` those no process owns
     sections    [{handle, name, size, holders, views}]
     clipboard   {sequence, owner, owner_pid, open_window, opener, formats: [[format, name,
                  size, synthesized], ...]}
@@ -38,6 +47,10 @@ def _bytes(n):
     return f"{n} B"
 
 
+def _pair(committed, reserved):
+    return f"{_bytes(committed)}/{_bytes(reserved)}"
+
+
 def render(stat):
     """The tables, as lines."""
     totals = stat["totals"]
@@ -45,18 +58,27 @@ def render(stat):
              f"virtual {_bytes(totals['virtual'])}, reserved {_bytes(totals['reserved'])}, committed"
              f" {_bytes(totals['committed'])} of {_bytes(totals['commit_limit'])}, resident in tmpfs"
              f" {_bytes(totals['resident'])}", "",
-             f"{'pid':>8} {'command':<16} {'conns':>5} {'reserved':>11} {'committed':>11} {'heaps':>5} {'globals':>7}"]
+             f"{'pid':>8} {'command':<16} {'conns':>5} {'private memory':>21} {'memory in heaps':>21}"
+             f" {'heaps':>5} {'globals':>7}",
+             f"{'':>8} {'':<16} {'':>5} {'committed/reserved':>21} {'committed/reserved':>21}"]
     for p in stat["processes"]:
-        lines.append(f"{p['pid']:>8} {p['command'][:16]:<16} {p['connections']:>5} {_bytes(p['reserved']):>11}"
-                     f" {_bytes(p['committed']):>11} {p['heaps']:>5} {p['global_objects']:>7}")
-    lines += ["", f"{'heap':>16} {'name':<24} {'owner':>8} {'reserved':>11} {'committed':>11}"]
+        lines.append(f"{p['pid']:>8} {p['command'][:16]:<16} {p['connections']:>5}"
+                     f" {_pair(p['private_committed'], p['private_reserved']):>21}"
+                     f" {_pair(p['heap_committed'], p['heap_reserved']):>21} {p['heaps']:>5} {p['global_objects']:>7}")
+    lines += ["", f"{'heap':>14} {'name':<20} {'owner':>8} {'committed':>10} {'reserved':>10} {'blocks':>9}"
+                  f" {'free':>10} {'largest':>10} {'frag':>5} {'as of':>6}"]
     for h in stat["heaps"]:
-        lines.append(f"{h['handle']:#16x} {h['name'][:24]:<24} {h['owner']:>8} {_bytes(h['reserved']):>11}"
-                     f" {_bytes(h['committed']):>11}")
+        inside = ("-", "-", "-", "-", "-") if h["reported"] is None else (
+            f"{h['blocks']:,}", _bytes(h["free"]), _bytes(h["largest_free"]), f"{h['fragmentation']:.2f}",
+            f"{h['reported']:.0f}s")
+        lines.append(f"{h['handle']:#14x} {h['name'][:20]:<20} {h['owner']:>8} {_bytes(h['committed']):>10}"
+                     f" {_bytes(h['reserved']):>10} {inside[0]:>9} {inside[1]:>10} {inside[2]:>10} {inside[3]:>5}"
+                     f" {inside[4]:>6}")
     g = stat["global"]
     lines += ["", f"global memory: {g['objects']:,} objects ({g['shared']:,} shared) holding {_bytes(g['bytes'])};"
                   f" committed {_bytes(g['committed'])} of {_bytes(g['reserved'])} reserved;"
-                  f" largest free range {_bytes(g['largest_free'])}"]
+                  f" free {_bytes(g['free'])}, largest range {_bytes(g['largest_free'])},"
+                  f" fragmentation {g['fragmentation']:.2f}"]
     lines.append(f"sections: {len(stat['sections'])}")
     for section in stat["sections"]:
         lines.append(f"  {str(section['name']):<24} {_bytes(section['size']):>11}  {section['holders']} holders,"

@@ -3,6 +3,8 @@
 The block allocator itself runs in the client (shmheap/heap.py); the daemon only hands out
 the heap's regions and commits, and keeps this registry so that `shmheap status` can list
 heaps, a heap handle of another process is refused, and a dead process's heaps go with it.
+What lies inside a heap (its blocks and free ranges) only its owner knows: the owner reports
+it now and then (`report`), and `shmheap stat` shows the latest report with its age.
 A heap's handle is the base of its first region (so it is 64 KiB aligned, HC-01).
 """
 
@@ -10,11 +12,13 @@ import time
 
 from shmheap.constants import HEAP_CREATE_ENABLE_EXECUTE, PAGE_EXECUTE_READWRITE, PAGE_READWRITE
 from shmheap.errors import WinError, raise_for
+from shmheap.heap import ALIGN  # the smallest extent of a block
 from shmheap.segment import PAGE_SIZE
 
 
+
 class HeapRecord:
-    __slots__ = ("handle", "name", "owner", "flags", "maximum", "created", "regions", "protect", "session")
+    __slots__ = ("handle", "name", "owner", "flags", "maximum", "created", "regions", "protect", "session", "usage")
 
     def __init__(self, handle, name, owner, flags, maximum, protect, session=None):
         self.handle = handle
@@ -26,6 +30,7 @@ class HeapRecord:
         self.created = time.time()
         self.regions = {handle}
         self.protect = protect
+        self.usage = None  # the owner's latest report (Heaps.report)
 
 
 class Heaps:
@@ -85,6 +90,17 @@ class Heaps:
         record.regions.discard(base)
         self.pagetable.release(self.pagetable.region_at(base))
 
+    def report(self, owner, handle, blocks, free, largest_free):
+        """The owner says what its heap holds: live blocks, committed free bytes, the largest
+        free range. Kept as told (the owner alone knows), with the time it came; figures that
+        cannot be true of the heap are refused."""
+        record = self._own(owner, handle)
+        committed = sum(self.pagetable.region_at(base).committed for base in record.regions)
+        if largest_free > free or free > committed or blocks * ALIGN + free > committed:
+            raise_for(WinError.ERROR_INVALID_PARAMETER, "a heap report larger than the heap")
+        record.usage = {"blocks": blocks, "free": free,
+                        "largest_free": largest_free, "as_of": time.time()}
+
     def destroy(self, owner, handle):
         self._drop(self._own(owner, handle))
 
@@ -117,7 +133,7 @@ class Heaps:
                          "flags": record.flags, "maximum": record.maximum,
                          "reserved": sum(r.size for r in regions),
                          "committed": sum(r.committed for r in regions),
-                         "created": record.created})
+                         "created": record.created, "usage": record.usage})
         return rows
 
     def check(self):

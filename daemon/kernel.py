@@ -34,6 +34,25 @@ from .sections import Sections
 from .sessions import Sessions
 
 
+def fragmentation(free, largest_free):
+    """How broken up a heap's free space is: 0 when it is one range (or there is none), near 1
+    when the largest range is a sliver of it (1 - largest / free, as allocators report it)."""
+    return round(1 - largest_free / free, 3) if free else 0.0
+
+
+def _heap_row(row, now):
+    """A heap of the stat: the registry's figures, and its owner's latest report of what lies
+    inside (None until the first), with how many seconds old that report is."""
+    usage = row["usage"]
+    inside = {"blocks": None, "free": None, "largest_free": None,
+              "fragmentation": None, "reported": None}
+    if usage is not None:
+        inside = {key: usage[key] for key in ("blocks", "free", "largest_free")}
+        inside["fragmentation"] = fragmentation(usage["free"], usage["largest_free"])
+        inside["reported"] = round(max(0.0, now - usage["as_of"]), 3)
+    return dict({key: row[key] for key in ("handle", "name", "owner", "reserved", "committed")}, **inside)
+
+
 def _command_of(pid):
     """A process's command name, as `ps` shows it ("" once it is gone)."""
     try:
@@ -88,6 +107,7 @@ class Kernel:
             "heap_extend": heaps.extend,
             "heap_commit": heaps.commit,
             "heap_decommit": heaps.decommit,
+            "heap_report": heaps.report,
             "heap_release": heaps.release,
             "heap_destroy": heaps.destroy,
             "heap_list": lambda pid: heaps.list(),
@@ -207,31 +227,43 @@ class Kernel:
         """What `shmheap stat` shows (its docstring documents the schema): totals, each
         process, each heap, global memory, sections and the clipboard, as the daemon sees them."""
         table, memory = self.pagetable, self.global_memory
-        reserved = {}
+        by_kind = {}  # (owner, kind) -> [reserved, committed]
         for region in table.regions_in_order():
-            reserved[region.owner] = reserved.get(region.owner, 0) + region.size
+            figures = by_kind.setdefault((region.owner, region.kind), [0, 0])
+            figures[0] += region.size
+            figures[1] += region.committed
+        reserved = sum(figures[0] for figures in by_kind.values())
         heaps = self.heaps.list()
         owned = {}
         for owner in memory.owners.values():
             owned[owner] = owned.get(owner, 0) + 1
-        processes = [{"pid": row["pid"], "command": _command_of(row["pid"]), "connections": row["connections"],
-                      "reserved": reserved.get(row["pid"], 0), "committed": table.committed_by(row["pid"]),
-                      "heaps": sum(1 for heap in heaps if heap["owner"] == row["pid"]),
-                      "global_objects": owned.get(row["pid"], 0), "since": row["started"]}
-                     for row in self.sessions.rows()]
+        processes = []
+        for row in self.sessions.rows():
+            pid_ = row["pid"]
+            private, heap_pages = by_kind.get((pid_, "private"), [0, 0]), by_kind.get((pid_, "heap"), [0, 0])
+            processes.append({
+                "pid": pid_, "command": _command_of(pid_), "connections": row["connections"],
+                "reserved": private[0] + heap_pages[0], "committed": table.committed_by(pid_),
+                "private_reserved": private[0], "private_committed": private[1],
+                "heap_reserved": heap_pages[0], "heap_committed": heap_pages[1],
+                "heaps": sum(1 for heap in heaps if heap["owner"] == pid_),
+                "global_objects": owned.get(pid_, 0), "since": row["started"]})
         heap = memory.heap
+        blocks, free, largest_free = heap.usage()
+        now = time.time()
         return {
             "schema": 1,
             "daemon": {"pid": self.info["daemon_pid"], "segment": self.name},
-            "totals": {"virtual": table.end - table.start, "reserved": sum(reserved.values()),
+            "totals": {"virtual": table.end - table.start, "reserved": reserved,
                        "committed": table.committed, "resident": table.resident_bytes(),
                        "commit_limit": table.commit_limit, "process_commit_limit": table.process_commit_limit},
             "processes": processes,
-            "heaps": [{key: row[key] for key in ("handle", "name", "owner", "reserved", "committed")} for row in heaps],
+            "heaps": [_heap_row(row, now) for row in heaps],
             "global": {"objects": memory.live_objects, "shared": memory.shared_objects,
                        "bytes": heap.live_bytes - sum(heap.size(chunk) for chunk in memory.table.chunks),
                        "reserved": heap.reserved, "committed": heap.committed,
-                       "largest_free": heap.largest_free()},
+                       "free": free, "largest_free": largest_free,
+                       "fragmentation": fragmentation(free, largest_free)},
             "sections": [{"handle": row["handle"], "name": row["name"], "size": row["size"],
                           "holders": len(row["handles"]), "views": sum(n for _, n in row["views"])}
                          for row in self.sections.list()],

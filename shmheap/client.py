@@ -19,10 +19,14 @@ handle) and its next call opens its own connection, under its own pid, with its 
 heap.
 """
 
+from __future__ import annotations
+
 import itertools
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import mapping, segment
 from .connection import CONNECT_TIMEOUT, Connection
@@ -37,6 +41,11 @@ from . import private_heap
 from .private_heap import DaemonPages, PrivateHeap
 from .shared_buffer import SharedBuffer
 
+if TYPE_CHECKING:  # for annotations only: numpy is optional, clipboard is imported when used
+    from numpy import ndarray
+
+    from .clipboard import Clipboard
+
 PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
@@ -48,7 +57,8 @@ LARGE_CACHE_LIMIT = 32 * 2**20
 _process_heaps = itertools.count()  # numbers this process's process heaps, one per connection
 
 
-def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
+def connect(socket_path: str | os.PathLike[str] | None = None, *, autostart: bool = True,
+            timeout: float = CONNECT_TIMEOUT) -> Client:
     """Connect to the daemon on `socket_path` (default: `segment.default_socket_path()`),
     starting an embedded one first if none listens and `autostart` is true."""
     path = os.path.abspath(socket_path or segment.default_socket_path())
@@ -56,10 +66,14 @@ def connect(socket_path=None, *, autostart=True, timeout=CONNECT_TIMEOUT):
 
 
 class Client:
+    """One connection to the daemon and this process's use of the segment: the stub (one
+    method per op), heaps, shared buffers, the clipboard and checked views of the bytes.
+    `connect()` makes one; use it as a context manager to close it."""
+
     memory = mapping = None  # a half-built client is safe to close
     connection = None
 
-    def __init__(self, path, *, autostart=True, timeout=CONNECT_TIMEOUT):
+    def __init__(self, path: str, *, autostart: bool = True, timeout: float = CONNECT_TIMEOUT) -> None:
         self.path = path
         self.memory = None
         self.info = None
@@ -119,6 +133,8 @@ class Client:
                     on_purge_due=None if flags & HEAP_NO_SERIALIZE else private_heap.purge_later,
                     on_short_of_commit=private_heap.purge_now)
         self.heaps[handle] = heap
+        if not flags & HEAP_NO_SERIALIZE:  # a heap no other thread may touch is not reported
+            private_heap.watch(heap)
         return heap
 
     def _on_access(self, changes):
@@ -143,22 +159,23 @@ class Client:
         self.process_heap = None
         self.local_objects = None
 
-    def ensure_connected(self):
+    def ensure_connected(self) -> Client:
         """Reconnect if needed (after fork, or a lost connection); returns self."""
         if not self.connection.is_open:
             self.connection.ensure_open()
         return self
 
     @property
-    def requests_sent(self):
+    def requests_sent(self) -> int:
         """Requests this client has sent the daemon (a loop that needs none shows none)."""
         return self.connection.requests_sent
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
+        """True once closed (or never fully connected): the mapping is gone."""
         return self.mapping is None
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection and this client's use of the mapping: once no client of this
         process uses the segment, it is unmapped, and stale pointers into it fault."""
         try:
@@ -170,34 +187,36 @@ class Client:
                 mapping.release(self.mapping)
                 self.mapping = self.memory = None
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- the stub: one method per op -------------------------------------------------------
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """Ask the daemon to stop cleanly (`shmheap stop`): every client's connection goes."""
         self.connection.call("shutdown")
 
-    def echo(self, value):
+    def echo(self, value: Any) -> Any:
+        """`value` back from the daemon: one round trip (for tests and benchmarks)."""
         return self.connection.call("echo", value)
 
-    def echo_many(self, values):
+    def echo_many(self, values: Iterable[Any]) -> list[Any]:
         """Every value echoed in one pipelined write (what a batch of requests costs)."""
         return self.connection.call_many([("echo", (value,)) for value in values])
 
-    def system_info(self):
+    def system_info(self) -> dict[str, Any]:
         """The daemon's hello: segment name and size, page size, granularity, limits, pids."""
         return self.connection.call("system_info")
 
-    def memory_status(self):
+    def memory_status(self) -> dict[str, int]:
         """Commit limit and total, this process's commit, resident bytes, virtual space."""
         return self.connection.call("memory_status")
 
-    def virtual_alloc(self, address, size, alloc_type=MEM_COMMIT | MEM_RESERVE, protect=PAGE_READWRITE):
+    def virtual_alloc(self, address: int, size: int, alloc_type: int = MEM_COMMIT | MEM_RESERVE,
+                      protect: int = PAGE_READWRITE) -> int:
         """Reserve and/or commit pages (address 0: anywhere); returns the base address.
         Short of commit, this process's heaps give back their freed pages first."""
         try:
@@ -210,7 +229,7 @@ class Client:
             self.regions[base] = round_up(size, PAGE_SIZE)  # a new region: releasing it cannot fail
         return base
 
-    def virtual_free(self, address, size, free_type):
+    def virtual_free(self, address: int, size: int, free_type: int) -> bool:
         """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0).
         Releasing a region this client reserved cannot fail: it is posted (no wait), its
         pages closed here first."""
@@ -224,19 +243,20 @@ class Client:
             self.regions.pop(address, None)
         return result
 
-    def virtual_query(self, address):
+    def virtual_query(self, address: int) -> MEMORY_BASIC_INFORMATION:
+        """VirtualQuery: the run of like pages at `address`."""
         return MEMORY_BASIC_INFORMATION(*self.connection.call("virtual_query", address))
 
-    def virtual_protect(self, address, size, protect):
+    def virtual_protect(self, address: int, size: int, protect: int) -> int:
         """Change the protection of committed pages; returns the old protection."""
         return self.connection.call("virtual_protect", address, size, protect)
 
-    def access(self, address, size, want_write):
+    def access(self, address: int, size: int, want_write: bool) -> bool:
         """May this process view [address, address+size)? True: writable, False: read-only;
         raises ShmheapPermissionError otherwise (GuardPageError once for guard pages)."""
         return self.connection.call("access", address, size, int(want_write))
 
-    def heap_create(self, flags=0, initial=0, maximum=0, name=None):
+    def heap_create(self, flags: int = 0, initial: int = 0, maximum: int = 0, name: str | None = None) -> Heap:
         """Create a private heap and return the allocator (shmheap.heap.Heap) itself; the
         Win32 facade's HeapCreate. `create_heap` is the Pythonic form."""
         reserve, commit, growable = heap_layout(initial, maximum)
@@ -244,19 +264,28 @@ class Client:
         handle = self.connection.call("heap_create", name, flags, reserve, commit, maximum)
         return self._adopt_heap(handle, reserve, commit, flags, growable)
 
-    def heap_extend(self, handle, size):
+    def heap_extend(self, handle: int, size: int) -> int:
+        """Reserve another region for heap `handle` (growth, or a large block); returns its base."""
         return self.connection.call("heap_extend", handle, size)
 
-    def heap_commit(self, handle, address, size):
+    def heap_commit(self, handle: int, address: int, size: int) -> None:
+        """Commit [address, address+size) in a region of heap `handle`."""
         self.connection.call("heap_commit", handle, address, size)
 
-    def heap_decommit(self, handle, address, size):
+    def heap_decommit(self, handle: int, address: int, size: int) -> None:
+        """Decommit [address, address+size) in a region of heap `handle`."""
         self.connection.call("heap_decommit", handle, address, size)
 
-    def heap_release(self, handle, base):
+    def heap_release(self, handle: int, base: int) -> None:
+        """Release the region of heap `handle` that starts at `base`."""
         self.connection.call("heap_release", handle, base)
 
-    def heap_destroy(self, heap):
+    def heap_report(self, handle: int, blocks: int, free: int, largest_free: int) -> None:
+        """Tell the daemon what heap `handle` holds, for `shmheap stat`; deferred: it rides
+        with the next call and its answer is not waited for."""
+        self.connection.defer("heap_report", handle, blocks, free, largest_free)
+
+    def heap_destroy(self, heap: Heap) -> None:
         """Release every page of `heap` (not the process heap), whatever is still allocated."""
         if heap is self.process_heap:
             raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap cannot be destroyed")
@@ -266,22 +295,23 @@ class Client:
         del self.heaps[heap.base]
         heap.abandon()
 
-    def heap_list(self):
+    def heap_list(self) -> list[dict[str, Any]]:
         """Every heap the daemon knows (all processes): name, owner, reserved, committed."""
         return self.connection.call("heap_list")
 
-    def global_alloc(self, flags, size):
+    def global_alloc(self, flags: int, size: int) -> int:
         """GlobalAlloc: a fixed object's address, or a moveable object's handle."""
         return self.connection.call("global_alloc", flags, size)
 
-    def global_alloc_many(self, flags, sizes):
+    def global_alloc_many(self, flags: int, sizes: list[int]) -> list[list[int]]:
         """Many global objects in one round trip, all or none: [[handle, serial], ...]."""
         return self.connection.call("global_alloc_many", flags, sizes)
 
-    def global_free(self, handle):
+    def global_free(self, handle: int) -> None:
+        """GlobalFree, waiting for the daemon's answer."""
         self.connection.call("global_free", handle)
 
-    def global_free_posted(self, address, size):
+    def global_free_posted(self, address: int, size: int) -> None:
         """GlobalFree of the fixed object of `size` bytes at `address`, posted (no wait; an
         error is raised by the next call). The pages that hold only this object close here
         first; the daemon's reply settles the rest."""
@@ -289,43 +319,47 @@ class Client:
         self.connection.post("global_free", address,
                              before=(lambda: self.mapping.close(start, end)) if end > start else None)
 
-    def global_realloc(self, handle, size, flags):
+    def global_realloc(self, handle: int, size: int, flags: int) -> int:
+        """GlobalReAlloc: the object's handle, or a fixed object's new address."""
         return self.connection.call("global_realloc", handle, size, flags)
 
-    def global_size(self, handle):
+    def global_size(self, handle: int) -> int:
+        """GlobalSize: the object's size in bytes (0 if discarded)."""
         return self.connection.call("global_size", handle)
 
-    def global_lock(self, handle):
+    def global_lock(self, handle: int) -> int:
         """The data pointer; a moveable object's lock count goes up."""
         return self.connection.call("global_lock", handle)
 
-    def global_unlock(self, handle):
+    def global_unlock(self, handle: int) -> bool:
         """True while the object stays locked."""
         return self.connection.call("global_unlock", handle)
 
-    def global_flags(self, handle):
+    def global_flags(self, handle: int) -> int:
+        """GlobalFlags: the object's lock count and GMEM_* flags."""
         return self.connection.call("global_flags", handle)
 
-    def global_handle(self, pointer):
+    def global_handle(self, pointer: int) -> int:
+        """GlobalHandle: the handle of the object whose data pointer is `pointer`."""
         return self.connection.call("global_handle", pointer)
 
-    def global_compact(self, min_free=0):
+    def global_compact(self, min_free: int = 0) -> int:
         """Move unlocked moveable objects together; returns the largest free block."""
         return self.connection.call("global_compact", min_free)
 
-    def global_attach(self, pointer, serial):
+    def global_attach(self, pointer: int, serial: int) -> None:
         """Hold a fixed global object handed over by another process (a SharedBuffer
         unpickled): it stays, and this process may touch it, until it lets go."""
         self.connection.call("global_attach", pointer, serial)
 
-    def global_release(self, pointer, serial, *, later=False):
+    def global_release(self, pointer: int, serial: int, *, later: bool = False) -> None:
         """Let go of a global object this process attached; `later`: with the next call."""
         if later:
             self.connection.defer("global_release", pointer, serial)
         else:
             self.connection.call("global_release", pointer, serial)
 
-    def global_pin(self, pointer, serial, *, wait=False):
+    def global_pin(self, pointer: int, serial: int, *, wait: bool = False) -> None:
         """Keep a global object for a copy of its SharedBuffer on its way to another process.
         Posted unless `wait` (this process does not hold it: it may be gone): it reaches the
         daemon before anything this process sends later (its exit included), so a buffer
@@ -335,65 +369,71 @@ class Client:
         else:
             self.connection.post("global_pin", pointer, serial)
 
-    def section_create(self, protect, size, name=None):
+    def section_create(self, protect: int, size: int, name: str | None = None) -> tuple[int, bool]:
         """A named section (or a handle to the existing one of that name): (handle, existed)."""
         handle, existed = self.connection.call("section_create", protect, size, name)
         return handle, existed
 
-    def section_open(self, access, name):
+    def section_open(self, access: int, name: str) -> int:
+        """A new handle to the section named `name` (ERROR_FILE_NOT_FOUND if there is none)."""
         return self.connection.call("section_open", access, name)
 
-    def section_map(self, handle, access, offset=0, size=0):
+    def section_map(self, handle: int, access: int, offset: int = 0, size: int = 0) -> int:
         """The address of a view (size 0: to the end of the section)."""
         return self.connection.call("section_map", handle, access, offset, size)
 
-    def section_unmap(self, address):
+    def section_unmap(self, address: int) -> bool:
+        """Unmap this process's view at `address`; True."""
         return self.connection.call("section_unmap", address)
 
-    def section_close(self, handle):
+    def section_close(self, handle: int) -> bool:
+        """Close a section handle (the section goes with its last handle and view); True."""
         return self.connection.call("section_close", handle)
 
-    def section_list(self):
+    def section_list(self) -> list[dict[str, Any]]:
         """Every section: handle, name, address, size, protection, holders and views."""
         return self.connection.call("section_list")
 
-    def page_map(self):
+    def page_map(self) -> dict[str, Any]:
         """Every region's pages as runs, committed or reserved (`shmheap map`)."""
         return self.connection.call("page_map")
 
-    def stat(self):
+    def stat(self) -> dict[str, Any]:
         """What the daemon holds, for `shmheap stat` (clients/stat.py documents the schema)."""
         return self.connection.call("stat")
 
-    def status(self):
+    def status(self) -> dict[str, Any]:
         """Processes, regions, commit and resident bytes, global objects, sections."""
         return self.connection.call("status")
 
-    def check(self):
-        """Ask the daemon to walk its invariants; raises ShmheapError if any is broken."""
+    def check(self) -> dict[str, Any]:
+        """Ask the daemon to walk its invariants; returns their counts, or raises ShmheapError
+        if any is broken."""
         return self.connection.call("check")
 
     # ---- heaps ---------------------------------------------------------------------------
 
-    def create_heap(self, name=None, initial=0, maximum=0, *, flags=0):
+    def create_heap(self, name: str | None = None, initial: int = 0, maximum: int = 0, *,
+                    flags: int = 0) -> PrivateHeap:
         """A private heap of this process, as an object; `maximum` 0 makes it growable.
         Use it as a context manager to destroy it (and every block in it) on exit."""
         return PrivateHeap(self, self.heap_create(flags, initial, maximum, name))
 
     @property
-    def heap(self):
+    def heap(self) -> PrivateHeap:
         """The process heap (GetProcessHeap) as an object; it lives as long as the process."""
         return PrivateHeap(self, self.ensure_connected().process_heap)
 
     # ---- shared buffers (global memory) --------------------------------------------------
 
-    def share(self, size, *, zero=False, keep=False):
+    def share(self, size: int, *, zero: bool = False, keep: bool = False) -> SharedBuffer:
         """A SharedBuffer of `size` bytes in global memory, usable from any process by handle.
         It belongs to this process and is freed when it exits, unless `keep` (GMEM_SHARE):
         then it lives until some process frees it."""
         return self.share_many([size], zero=zero, keep=keep)[0]
 
-    def share_many(self, sizes, *, zero=False, keep=False):
+    def share_many(self, sizes: Iterable[int], *, zero: bool = False,
+                   keep: bool = False) -> list[SharedBuffer]:
         """Many SharedBuffers in one round trip (all or none)."""
         sizes = [int(size) for size in sizes]
         if any(size < 0 for size in sizes):
@@ -402,7 +442,8 @@ class Client:
         made = self.global_alloc_many(flags, sizes)
         return [SharedBuffer(self, address, size, serial) for (address, serial), size in zip(made, sizes)]
 
-    def share_array(self, shape, dtype="float64", *, zero=False, keep=False):
+    def share_array(self, shape: int | tuple[int, ...], dtype: Any = "float64", *, zero: bool = False,
+                    keep: bool = False) -> tuple[SharedBuffer, ndarray]:
         """A SharedBuffer sized for a numpy array of `shape` and `dtype`; returns
         (buffer, array), the array viewing the buffer's bytes with no copy."""
         import numpy
@@ -412,7 +453,7 @@ class Client:
         buffer = self.share(count * dtype.itemsize, zero=zero, keep=keep)
         return buffer, buffer.numpy(dtype, shape)
 
-    def free_many(self, buffers):
+    def free_many(self, buffers: Iterable[SharedBuffer]) -> None:
         """Free SharedBuffers in one pipelined write. Every one is tried; then the first
         failure, if any, is raised (a buffer freed already: ShmheapValueError)."""
         buffers = list(buffers)
@@ -424,28 +465,31 @@ class Client:
     # ---- the clipboard (daemon/clipboard.py; the Pythonic form: shmheap/clipboard.py) ----------
 
     @property
-    def clipboard(self):
+    def clipboard(self) -> Clipboard:
         """This client's view of the daemon's clipboard (copy, paste, formats, wait)."""
         if self._clipboard is None:
             from .clipboard import Clipboard
             self._clipboard = Clipboard(self)
         return self._clipboard
 
-    def clipboard_open(self, window=0):
+    def clipboard_open(self, window: int = 0) -> None:
+        """OpenClipboard for this process with `window` as its window; raises
+        ShmheapPermissionError (ERROR_ACCESS_DENIED) while another process has it open."""
         self.connection.call("clipboard_open", window)
 
-    def clipboard_close(self):
+    def clipboard_close(self) -> int:
         """CloseClipboard; returns the sequence number after."""
         return self.connection.call("clipboard_close")
 
-    def clipboard_empty(self):
+    def clipboard_empty(self) -> None:
+        """EmptyClipboard: every format goes; this process's window becomes the owner."""
         self.connection.call("clipboard_empty")
 
-    def clipboard_set(self, fmt, handle):
+    def clipboard_set(self, fmt: int, handle: int) -> int:
         """SetClipboardData: the clipboard takes the global object over; returns the handle."""
         return self.connection.call("clipboard_set", fmt, handle)
 
-    def clipboard_get(self, fmt, timeout=None):
+    def clipboard_get(self, fmt: int, timeout: float | None = None) -> int:
         """GetClipboardData: the handle. A promised format is rendered by its owner process
         first, so this may wait (on a connection of its own, up to the daemon's render bound
         or `timeout`: then ERROR_TIMEOUT)."""
@@ -459,31 +503,38 @@ class Client:
             raise_for(WinError.ERROR_TIMEOUT, f"format {fmt} was not rendered within {timeout} s")
         return handle
 
-    def clipboard_available(self, fmt):
+    def clipboard_available(self, fmt: int) -> bool:
+        """IsClipboardFormatAvailable: the format is there, or can be synthesized."""
         return self.connection.call("clipboard_available", fmt)
 
-    def clipboard_enum(self, fmt):
+    def clipboard_enum(self, fmt: int) -> int:
+        """EnumClipboardFormats: the format after `fmt` (0: the first), 0 after the last."""
         return self.connection.call("clipboard_enum", fmt)
 
-    def clipboard_priority(self, formats):
+    def clipboard_priority(self, formats: Iterable[int]) -> int:
+        """GetPriorityClipboardFormat: the first of `formats` there; 0 if the clipboard is
+        empty, -1 if none of them is."""
         return self.connection.call("clipboard_priority", list(formats))
 
-    def clipboard_info(self):
+    def clipboard_info(self) -> dict[str, Any]:
+        """Sequence number, owner, opener and every format as [format, name, size, synthesized]."""
         return self.connection.call("clipboard_info")
 
-    def clipboard_register(self, name):
+    def clipboard_register(self, name: str) -> int:
+        """RegisterClipboardFormat: the value for `name`, the same in every process."""
         return self.connection.call("clipboard_register", name)
 
-    def clipboard_format_name(self, fmt):
+    def clipboard_format_name(self, fmt: int) -> str:
+        """GetClipboardFormatName: a registered format's name (ERROR_INVALID_HANDLE otherwise)."""
         return self.connection.call("clipboard_format_name", fmt)
 
-    def clipboard_wait(self, after, timeout=None):
+    def clipboard_wait(self, after: int, timeout: float | None = None) -> int | None:
         """The sequence number once it passes `after`, or None if `timeout` seconds pass first.
         The daemon answers when it moves: no polling."""
         answered, sequence = self._call_waiting("clipboard_wait", after, timeout=timeout)
         return sequence if answered else None
 
-    def clipboard_on_render(self, callback):
+    def clipboard_on_render(self, callback: Callable[[int], object] | None) -> None:
         """Run `callback(fmt)` on a thread of this process's own whenever another process (or
         this one) asks for a format this process promised; it renders with clipboard_set(fmt,
         handle), the clipboard needing no opening. One callback per client; None stops it."""
@@ -543,7 +594,7 @@ class Client:
 
     # ---- bytes ---------------------------------------------------------------------------
 
-    def view(self, address, size, *, write=False):
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview:
         """A zero-copy memoryview of [address, address+size) if this process may touch it:
         committed, readable pages of its own, of the global memory or of its section views.
         Read-only pages give a read-only view; `write=True` insists on a writable one.
@@ -564,14 +615,14 @@ class Client:
         view = self.memory[address:address + size]
         return view if allowed == WRITE else view.toreadonly()
 
-    def raw_view(self, address, size):
+    def raw_view(self, address: int, size: int) -> memoryview:
         """The bytes at [address, address+size) with no check: touching them faults unless
         this process's mapping allows it (`view` checks)."""
         if size < 0 or not self.in_segment(address) or address + size > self.info["base"] + self.info["size"]:
             raise ValueError("range outside the segment")
         return self.memory[address:address + size]
 
-    def in_segment(self, address):
+    def in_segment(self, address: int) -> bool:
         """True if `address` lies in the segment's usable part (above its header)."""
         return self.info["min_address"] <= address < self.info["base"] + self.info["size"]
 
@@ -583,7 +634,7 @@ _default_lock = threading.Lock()
 _by_path = {}  # socket path -> a client opened for buffers received from that daemon
 
 
-def default_client():
+def default_client() -> Client:
     """The client the Win32 facade uses, made on first use (`SHMHEAP_SOCKET`, autostart),
     and connected again after fork or a lost connection (but not to a new daemon)."""
     global current
@@ -596,7 +647,8 @@ def default_client():
         return current.ensure_connected()
 
 
-def close_default():
+def close_default() -> None:
+    """Close the default client, if there is one; the facade's next call makes a new one."""
     global current
     with _default_lock:
         if current is not None:
@@ -604,7 +656,7 @@ def close_default():
             current = None
 
 
-def client_for(path):
+def client_for(path: str) -> Client:
     """A client of this process for the daemon on `path`: the default one if it is that
     daemon's, else one opened (without autostart) and kept for later calls."""
     client = current

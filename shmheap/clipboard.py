@@ -10,8 +10,12 @@ default BINARY_FORMAT), or a dict of several formats at once. `paste` gives str 
 formats and bytes for the rest.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .constants import CF_OEMTEXT, CF_TEXT, CF_UNICODETEXT, CLIPBOARD_FORMAT_NAMES, GMEM_FIXED
 from .errors import ShmheapError, WinError, raise_for
@@ -19,6 +23,9 @@ from .errors import ShmheapError, WinError, raise_for
 BINARY_FORMAT = "application/octet-stream"  # the registered format bytes go under by default
 OPEN_TIMEOUT = 2.0  # seconds copy and paste retry while another process has the clipboard open
 TEXT_CODECS = {CF_UNICODETEXT: "utf-16-le", CF_TEXT: "cp1252", CF_OEMTEXT: "cp437"}
+
+if TYPE_CHECKING:  # for annotations only: client.py imports this module when it is used
+    from .client import Client
 
 
 @dataclass(frozen=True)
@@ -28,18 +35,21 @@ class Format:
     made it from another (synthesized)."""
     id: int
     name: str
-    size: object
+    size: int | None
     synthesized: bool
 
 
 class Clipboard:
-    def __init__(self, client):
+    """One client's view of the daemon's clipboard: copy, paste, the formats on it, waiting for
+    a change, and rendering formats this process promised."""
+
+    def __init__(self, client: Client) -> None:
         self.client = client
         self._registered = {}  # name.casefold() -> its registered format
 
     # ---- formats ---------------------------------------------------------------------------
 
-    def format_id(self, format):
+    def format_id(self, format: int | str) -> int:
         """The value of a format given as an int or a name (registering the name if new)."""
         if isinstance(format, int):
             if not 0 < format <= 0xFFFFFFFF:
@@ -54,7 +64,8 @@ class Clipboard:
             self._registered[key] = self.client.clipboard_register(format)
         return self._registered[key]
 
-    def format_name(self, fmt):
+    def format_name(self, fmt: int) -> str:
+        """A format's name: its CF_* name, its registered name, or "#value" for any other."""
         for name, value in CLIPBOARD_FORMAT_NAMES.items():
             if value == fmt:
                 return name
@@ -63,20 +74,21 @@ class Clipboard:
         except ShmheapError:
             return f"#{fmt}"
 
-    def formats(self):
+    def formats(self) -> list[Format]:
         """The formats on the clipboard, in the order they were set, synthesized ones last."""
         info = self.client.clipboard_info()
         return [Format(fmt, name or self.format_name(fmt), size, synthesized)
                 for fmt, name, size, synthesized in info["formats"]]
 
     @property
-    def sequence(self):
+    def sequence(self) -> int:
         """GetClipboardSequenceNumber: moves on every change."""
         return self.client.clipboard_info()["sequence"]
 
     # ---- copy and paste ------------------------------------------------------------------
 
-    def copy(self, data, format=None):
+    def copy(self, data: str | bytes | bytearray | memoryview | dict[int | str, object] | None,
+             format: int | str | None = None) -> int:
         """Put `data` on the clipboard, replacing what was there; returns the sequence number
         after. `data`: str, bytes-like, or {format: data} for several formats at once; None
         promises `format`, rendered by this process's `on_render` callback when asked for.
@@ -118,7 +130,7 @@ class Clipboard:
             raise failure
         return results[-1]
 
-    def paste(self, format=None, *, timeout=None):
+    def paste(self, format: int | str | None = None, *, timeout: float | None = None) -> str | bytes:
         """What the clipboard holds in `format` (None: text if there is any, else the first
         format): str for text formats, bytes otherwise. A format that is not there raises
         ShmheapLookupError (ERROR_NOT_FOUND); `timeout` bounds waiting for a render. Two round
@@ -150,12 +162,12 @@ class Clipboard:
             return text.split("\0", 1)[0]  # C strings: the text ends at the first NUL
         return data
 
-    def clear(self):
+    def clear(self) -> None:
         """EmptyClipboard: every format goes (and the clipboard frees their memory)."""
         with self._opened():
             self.client.clipboard_empty()
 
-    def wait(self, after=None, timeout=None):
+    def wait(self, after: int | None = None, timeout: float | None = None) -> int | None:
         """Block until the clipboard changes after sequence number `after` (None: from now);
         returns the new sequence number, or None if `timeout` seconds pass first. The daemon
         answers when it moves: no polling."""
@@ -163,7 +175,7 @@ class Clipboard:
             after = self.sequence
         return self.client.clipboard_wait(after, timeout)
 
-    def on_render(self, callback):
+    def on_render(self, callback: Callable[[int], object] | None) -> None:
         """Render promised formats on request: `callback(fmt)` runs on a thread of its own
         and returns the data (str or bytes-like; or None if it called SetClipboardData
         itself). None stops rendering."""

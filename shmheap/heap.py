@@ -50,10 +50,13 @@ at least 16 bytes of tail filled with TAIL_FILL and every free byte holds FREE_F
 blocks overlapping, live + free + header == committed.
 """
 
+from __future__ import annotations
+
 import threading
 import time
 from array import array
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterator
 
 from .constants import (HEAP_CREATE_ENABLE_EXECUTE, HEAP_FREE_CHECKING_ENABLED,
                         HEAP_TAIL_CHECKING_ENABLED)
@@ -133,20 +136,25 @@ class PageSource:
 
     memory = None
 
-    def reserve(self, size):
+    def reserve(self, size: int) -> int:
         """Reserve a region of `size` bytes for this heap; return its base."""
         raise NotImplementedError
 
-    def commit(self, address, size):
+    def commit(self, address: int, size: int) -> None:
+        """Commit [address, address+size) of a region this source reserved; raises
+        ShmheapError (ERROR_COMMITMENT_LIMIT, ERROR_NOT_ENOUGH_MEMORY) if it cannot be backed."""
         raise NotImplementedError
 
-    def decommit(self, address, size):
+    def decommit(self, address: int, size: int) -> None:
+        """Decommit [address, address+size): its pages go back and read zeros when committed
+        again."""
         raise NotImplementedError
 
-    def release(self, base):
+    def release(self, base: int) -> None:
+        """Release the whole region at `base`, committed pages and all."""
         raise NotImplementedError
 
-    def allocate(self, size, commit):
+    def allocate(self, size: int, commit: int) -> int:
         """Reserve a region of `size` bytes and commit its first `commit`: both or neither."""
         base = self.reserve(size)
         try:
@@ -188,8 +196,10 @@ class Slab:
 class Heap:
     """One heap: its regions, free ranges, slabs, medium and large blocks."""
 
-    def __init__(self, source, base, reserved, committed, *, flags=0, growable=True, large_cache_limit=0,
-                 purge_delay=0.0, on_purge_due=None, on_short_of_commit=None, cache_by_time=False):
+    def __init__(self, source: PageSource, base: int, reserved: int, committed: int, *, flags: int = 0,
+                 growable: bool = True, large_cache_limit: int = 0, purge_delay: float = 0.0,
+                 on_purge_due: Callable[[Heap], None] | None = None,
+                 on_short_of_commit: Callable[[Heap], bool] | None = None, cache_by_time: bool = False) -> None:
         self.source = source
         self.memory = source.memory
         self.flags = flags
@@ -233,6 +243,7 @@ class Heap:
         self.purging = set()  # purger attempts at work on the heap, or about to be
         self.unlocked_calls = set()  # HEAP_NO_SERIALIZE calls under way (shmheap/win32.py)
         self.live = 0
+        self.changes = 0  # allocs, frees, resizes and purges, ever: tells a changed heap (stat's reports)
         self.holes = {}  # start -> end: decommitted pages inside free ranges (the purge's)
         self.hole_starts = []  # sorted
         self.hole_bytes = 0
@@ -463,7 +474,7 @@ class Heap:
             self._forget_holes(lo, hi)
             i = bisect_left(self.hole_starts, hi)
 
-    def extents(self):
+    def extents(self) -> list[tuple[int, int]]:
         """(start, end) of every region of the heap's: its own, its large blocks', its cached
         ones'."""
         spans = [(region.base, region.end) for region in self.regions]
@@ -477,11 +488,11 @@ class Heap:
                 return region
         return None
 
-    def holds(self, address):
+    def holds(self, address: int) -> bool:
         """True if `address` lies in one of the heap's regions (large blocks aside)."""
         return self._region_of(address) is not None
 
-    def has_region(self, base):
+    def has_region(self, base: int) -> bool:
         """True if a region of the heap, or of one of its large blocks (live or kept for the
         next), starts at `base`."""
         return base in self.region_bases or base in self.large or base in self.large_cache
@@ -513,7 +524,7 @@ class Heap:
         tail, never 0 (a 0-byte block is still a distinct block, HA-01)."""
         return ((size + 15) & ~15) + self.tail or ALIGN
 
-    def alloc(self, size, zero=False):
+    def alloc(self, size: int, zero: bool = False) -> int:
         """A block of exactly `size` bytes (HeapSize reports `size`); raises ShmheapError."""
         extent = ((size + 15) & ~15) + self.tail or ALIGN  # self._extent(size), inlined: hot path
         if extent <= SMALL_MAX:  # the hot path: a pop from the class's current slab
@@ -538,6 +549,7 @@ class Heap:
         else:
             raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         self.live += 1
+        self.changes += 1
         self.allocations += 1
         if zero:
             self._fill(address, size, 0)
@@ -597,17 +609,21 @@ class Heap:
             return "large", None, None
         raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
 
-    def is_small(self, address):
+    def is_small(self, address: int) -> bool:
         """True if `address` lies in a slab (a small block's slot)."""
         return address >> PAGE_SHIFT in self.slabs
 
-    def size(self, address):
+    def size(self, address: int) -> int:
+        """HeapSize: the exact size the live block at `address` was asked for; raises
+        ShmheapValueError (ERROR_INVALID_PARAMETER) for anything else."""
         kind, slab, slot = self._locate(address)
         if kind == "small":
             return slab.sizes[slot]
         return self.medium[address] if kind == "medium" else self.large[address]
 
-    def free(self, address):
+    def free(self, address: int) -> None:
+        """HeapFree: the block at `address` goes (its pages back now or at the purge); raises
+        ShmheapValueError (ERROR_INVALID_PARAMETER) for no live block of this heap."""
         slab = self.slabs.get(address >> PAGE_SHIFT)
         if slab is not None:  # the hot path: a push onto the slab's free stack
             slot, offset = divmod(address - slab.base, slab.block)
@@ -659,6 +675,7 @@ class Heap:
         else:
             raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
         self.live -= 1
+        self.changes += 1
         if self.live == 0 and self.grown:
             if not self.purge_delay:
                 self._reset_when_empty()
@@ -683,7 +700,7 @@ class Heap:
         elif self.on_purge_due is None and time.monotonic() >= self.purge_due:
             self.purge_when_idle()  # nobody purges this heap in the background: its frees do
 
-    def purge_when_idle(self):
+    def purge_when_idle(self) -> bool:
         """The purge, when it is due: run it if the heap allocated nothing since it was
         scheduled; else put it off one more delay (a loop in progress would take the pages
         right back), but not more than PURGE_REPRIEVES times in a row. True if it ran."""
@@ -695,12 +712,13 @@ class Heap:
         self.purge()
         return True
 
-    def purge(self):
+    def purge(self) -> None:
         """Give back now what frees left committed: cached large regions, empty slabs, the
         free top of every region (no slack kept), empty extension regions; an empty heap goes
         back to its starting commit."""
         self.purge_due = None
         self.reprieves = 0
+        self.changes += 1
         if not self.cache_by_time:
             self.flush_large_cache()
         self._flush_recent()
@@ -712,7 +730,7 @@ class Heap:
             self._trim(region, slack=0)
         self._punch_holes()
 
-    def realloc(self, address, size, zero=False, in_place_only=False):
+    def realloc(self, address: int, size: int, zero: bool = False, in_place_only: bool = False) -> int:
         """Resize a block, in place when possible (else moved, unless `in_place_only`).
         The first min(old, new) bytes are kept; with `zero` any growth reads zero (HR-04).
         A refusal leaves the block as it was (HR-02, HR-08)."""
@@ -721,6 +739,7 @@ class Heap:
             raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot allocate {size} bytes")
         old = self.size(address)
         if self._resize_in_place(kind, address, slab, slot, old, size):
+            self.changes += 1
             if zero and size > old:
                 self._fill(address + old, size - old, 0)
             return address
@@ -777,7 +796,7 @@ class Heap:
 
     # ---- whole-heap operations -----------------------------------------------------------
 
-    def flush_large_cache(self):
+    def flush_large_cache(self) -> int:
         """Release the freed large regions kept for reuse; returns the bytes they held."""
         freed = 0
         while self.large_cache:  # each leaves the cache before it goes: a failure never reuses it
@@ -786,7 +805,7 @@ class Heap:
             freed += kept
         return freed
 
-    def abandon(self):
+    def abandon(self) -> None:
         """Forget every region and block without giving them back (the daemon released them):
         the heap is unusable afterwards."""
         self.purge_due = None
@@ -801,10 +820,11 @@ class Heap:
         self.live = 0
 
     @property
-    def alive(self):
+    def alive(self) -> bool:
+        """False once abandoned (its regions are gone)."""
         return bool(self.regions)
 
-    def blocks(self):
+    def blocks(self) -> Iterator[tuple[int, int]]:
         """(address, size) of every live block, in no particular order."""
         for slab in self.slab_set:
             for slot, size in enumerate(slab.sizes):
@@ -813,7 +833,7 @@ class Heap:
         yield from self.medium.items()
         yield from self.large.items()
 
-    def alloc_below(self, size, limit):
+    def alloc_below(self, size: int, limit: int) -> int | None:
         """A block of `size` bytes at an address below `limit`, or None: the lowest free slot
         of the size class's slabs, or the lowest free range that fits. For compaction, which
         is explicit and rare, so it may scan."""
@@ -847,11 +867,12 @@ class Heap:
         else:
             return None
         self.live += 1
+        self.changes += 1
         if self.tail:
             self._fill(address + size, extent - size, TAIL_FILL)
         return address
 
-    def walk(self):
+    def walk(self) -> Iterator[tuple[str, int, int, int, int, HeapRegion | None]]:
         """HeapWalk's entries in order: per region a region entry, then its busy blocks and
         free ranges by address, then its uncommitted range; large blocks last (HW-01..HW-03).
         Each entry is (kind, address, size, overhead, region_index, region). A walk shows
@@ -877,7 +898,7 @@ class Heap:
         for address, size in sorted(self.large.items()):
             yield "large", address, size, 0, 64, None
 
-    def validate(self, address=None):
+    def validate(self, address: int | None = None) -> bool:
         """HeapValidate: one block (exists, tail intact) or the whole heap (structure, every
         tail, every free byte's fill). Returns True or False; never raises for bad input."""
         try:
@@ -904,9 +925,18 @@ class Heap:
             return True
         return self._is_filled(address + size, self._extent(size) - size, TAIL_FILL)
 
-    def largest_free(self):
+    def largest_free(self) -> int:
         """HeapCompact's answer: the largest committed free range."""
         return max((end - start for start, end in self.free_start.items()), default=0)
+
+    def usage(self) -> tuple[int, int, int]:
+        """(live blocks, free bytes, largest free range): what `shmheap stat` shows of a heap.
+        Free bytes are committed bytes no block holds: the free ranges less the purge's holes,
+        free slab slots, freed blocks kept for reuse and the large cache."""
+        free = sum(end - start for start, end in self.free_start.items()) - self.hole_bytes
+        free += sum(len(slab.free) * slab.block for slab in self.slab_set)
+        free += self.recent_bytes + sum(self.large_cache.values())
+        return self.live, free, min(self.largest_free(), free)
 
     def _flush_recent(self):
         """The freed medium blocks kept for reuse go back into the free ranges."""
@@ -924,24 +954,27 @@ class Heap:
                     self.current[cls] = None
                 self._dissolve(slab)
 
-    def compact(self):
+    def compact(self) -> int:
         """HeapCompact: the purge, at once; returns the largest free range."""
         self.purge()
         return self.largest_free()
 
     @property
-    def committed(self):
+    def committed(self) -> int:
+        """Bytes committed: the regions up to their watermarks less the purge's holes, large
+        blocks' pages and the large cache."""
         return sum(region.committed_end - region.base for region in self.regions) - self.hole_bytes + sum(
             _large_pages(size) for size in self.large.values()) + sum(self.large_cache.values())
 
     @property
-    def live_bytes(self):
+    def live_bytes(self) -> int:
         """Bytes the live blocks hold, at their exact sizes."""
         return sum(self.medium.values()) + sum(self.large.values()) + sum(
             size for slab in self.slab_set for size in slab.sizes if size != SLOT_FREE)
 
     @property
-    def reserved(self):
+    def reserved(self) -> int:
+        """Bytes reserved: every region of the heap's, and its large blocks' pages."""
         return sum(region.reserved for region in self.regions) + sum(
             round_up(size, PAGE_SIZE) for size in self.large.values())
 
@@ -954,8 +987,9 @@ class Heap:
 
     # ---- invariants ----------------------------------------------------------------------
 
-    def check(self):
-        """Walk everything; raise RuntimeError naming each broken invariant."""
+    def check(self) -> dict[str, int]:
+        """Walk everything; raise RuntimeError naming each broken invariant. Returns counts
+        (live blocks, committed bytes, free ranges)."""
         problems = []
         spans = []  # (start, end, what) inside regions' committed parts
         for start, end in self.free_start.items():

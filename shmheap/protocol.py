@@ -103,6 +103,7 @@ OPS = {
     "heap_create": (_str, _u32, _u64, _u64, _u64),  # name, flags, reserve, commit, maximum
     "heap_extend": (_u64, _u64),  # handle, size
     "heap_commit": (_u64, _u64, _u64),  # handle, address, size
+    "heap_report": (_u64, _u64, _u64, _u64),  # handle, blocks, free bytes, largest free range
     "heap_decommit": (_u64, _u64, _u64),
     "heap_release": (_u64, _u64),  # handle, region base
     "heap_destroy": (_u64,),

@@ -12,18 +12,29 @@ returns outlives the worker. A pickled buffer whose memory is really gone is ref
 (ShmheapValueError, ERROR_INVALID_HANDLE), never taken for a newer one.
 """
 
+from __future__ import annotations
+
 import ctypes
 import functools
 import weakref
+from typing import TYPE_CHECKING, Any
 
 from .errors import WinError, raise_for
 from .segment import as_array
 
+if TYPE_CHECKING:  # for annotations only: client.py imports this module; numpy is optional
+    from numpy import ndarray
+
+    from .client import Client
+
 
 class SharedBuffer:
+    """Bytes in global memory at `address` (its handle), `size` long, usable with no copy from
+    any process that holds it; pickle it to hand it to another process."""
+
     __slots__ = ("client", "address", "size", "serial", "owner", "session", "_hold", "__weakref__")
 
-    def __init__(self, client, address, size, serial, *, owner=True):
+    def __init__(self, client: Client, address: int, size: int, serial: int, *, owner: bool = True) -> None:
         self.client = client
         self.address = address
         self.size = size
@@ -35,10 +46,11 @@ class SharedBuffer:
         self._hold = weakref.finalize(self, client.global_release, address, serial, later=True)
 
     @property
-    def handle(self):
+    def handle(self) -> int:
+        """The global object's handle, the same in every process (for the Win32 calls)."""
         return self.address  # a fixed global object's handle is its address
 
-    def view(self):
+    def view(self) -> memoryview:
         """A writable memoryview of the buffer's bytes (no copy). It keeps this buffer, and
         so this process's hold on it, alive for as long as it (or an array over it) lives."""
         self.client.view(self.address, self.size, write=True)  # open, or raise
@@ -48,11 +60,11 @@ class SharedBuffer:
         array.buffer = self
         return memoryview(array).cast("B")[:self.size]
 
-    def numpy(self, dtype="uint8", shape=None):
+    def numpy(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> ndarray:
         """A numpy array over the buffer's bytes (no copy). Needs numpy (the `numpy` extra)."""
         return as_array(self.view(), dtype, shape)
 
-    def free(self):
+    def free(self) -> None:
         """GlobalFree: this process lets go, and no call can use the buffer any more; its
         memory goes once no other process holds it. Freeing it twice raises
         ShmheapValueError (ERROR_INVALID_HANDLE). While this process holds the buffer (the
@@ -66,10 +78,10 @@ class SharedBuffer:
         else:  # held through a connection that is gone (fork, loss): free it by handle, waiting
             self.client.global_free(self.address)
 
-    def __enter__(self):
+    def __enter__(self) -> SharedBuffer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.owner and self._hold.alive:
             self.free()
 
@@ -79,7 +91,7 @@ class SharedBuffer:
         self.client.global_pin(self.address, self.serial, wait=self.session != self.client.session)
         return _reattach, (self.address, self.size, self.serial, self.client.path)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"SharedBuffer(address={self.address:#x}, size={self.size})"
 
 

@@ -19,22 +19,33 @@ memory; this process's heaps); this module converts arguments and keeps the last
 default connection is made on first use (`SHMHEAP_SOCKET`, autostart).
 """
 
+from __future__ import annotations
+
 import ctypes
 import operator
 import os
 import platform
 import threading
 import time
+from collections.abc import Callable, Iterable, MutableSequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import client as client_module
+from . import constants as _constants
 from .client import default_client
-from .constants import *  # noqa: F401,F403 -- the facade exports the Win32 constants
+from .constants import (GMEM_INVALID_HANDLE, GMEM_MOVEABLE, HEAP_GENERATE_EXCEPTIONS, HEAP_NO_SERIALIZE,
+                        HEAP_REALLOC_IN_PLACE_ONLY, HEAP_ZERO_MEMORY, INVALID_HANDLE_VALUE, LMEM_INVALID_HANDLE,
+                        MEM_FREE, MEMORY_BASIC_INFORMATION, PROCESS_HEAP_ENTRY_BUSY, PROCESS_HEAP_REGION,
+                        PROCESS_HEAP_UNCOMMITTED_RANGE)
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
 from .mapping import WRITE
 from .moveable import MoveableTable
 
+# The facade exports the Win32 constants, as `from .constants import *` would (the names used
+# here are imported above by name, so pyflakes checks them), and the ERROR_* codes.
+globals().update({name: value for name, value in vars(_constants).items() if not name.startswith("_")})
 globals().update(WinError.__members__)  # ERROR_* codes under their Win32 names
 
 _MASK64 = 2**64 - 1
@@ -53,11 +64,13 @@ def _dword(value):
     return operator.index(value) & _MASK32
 
 
-def GetLastError():
+def GetLastError() -> int:
+    """The calling thread's last error code (0 until a call fails)."""
     return getattr(_state, "last_error", 0)
 
 
-def SetLastError(dwErrCode):
+def SetLastError(dwErrCode: int) -> None:
+    """Set the calling thread's last error code (taken as a DWORD)."""
     _state.last_error = _dword(dwErrCode)
 
 
@@ -83,27 +96,30 @@ def _attempt(failure, function, *args):
 SIZEOF_MEMORY_BASIC_INFORMATION = 48
 
 
-def VirtualAlloc(lpAddress, dwSize, flAllocationType, flProtect):
+def VirtualAlloc(lpAddress: int, dwSize: int, flAllocationType: int, flProtect: int) -> int:
     """Reserve and/or commit pages; returns the base address, or 0 (NULL) on failure."""
     return _attempt(0, default_client().virtual_alloc, _ptr(lpAddress), _size(dwSize),
                     _dword(flAllocationType), _dword(flProtect))
 
 
-def VirtualFree(lpAddress, dwSize, dwFreeType):
-    """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0)."""
+def VirtualFree(lpAddress: int, dwSize: int, dwFreeType: int) -> bool:
+    """MEM_DECOMMIT a page range, or MEM_RELEASE a whole region (base address, size 0);
+    TRUE, or FALSE on failure."""
     return _attempt(False, default_client().virtual_free, _ptr(lpAddress), _size(dwSize),
                     _dword(dwFreeType))
 
 
-def VirtualQuery(lpAddress, dwLength=SIZEOF_MEMORY_BASIC_INFORMATION):
-    """The MEMORY_BASIC_INFORMATION of the run of like pages at lpAddress, or None."""
+def VirtualQuery(lpAddress: int,
+                 dwLength: int = SIZEOF_MEMORY_BASIC_INFORMATION) -> MEMORY_BASIC_INFORMATION | None:
+    """The MEMORY_BASIC_INFORMATION of the run of like pages at lpAddress, or None on failure
+    (ERROR_BAD_LENGTH if dwLength is shorter than the struct)."""
     if _size(dwLength) < SIZEOF_MEMORY_BASIC_INFORMATION:
         _state.last_error = WinError.ERROR_BAD_LENGTH
         return None
     return _attempt(None, default_client().virtual_query, _ptr(lpAddress))
 
 
-def VirtualProtect(lpAddress, dwSize, flNewProtect):
+def VirtualProtect(lpAddress: int, dwSize: int, flNewProtect: int) -> int:
     """Change the protection of committed pages; returns the old protection of the first
     page, or 0 on failure (no valid protection is 0)."""
     return _attempt(0, default_client().virtual_protect, _ptr(lpAddress), _size(dwSize),
@@ -114,6 +130,8 @@ def VirtualProtect(lpAddress, dwSize, flNewProtect):
 
 @dataclass(slots=True)
 class SYSTEM_INFO:
+    """GetSystemInfo's answer, with the Win32 field names."""
+
     wProcessorArchitecture: int
     dwPageSize: int
     lpMinimumApplicationAddress: int
@@ -132,7 +150,9 @@ _ARCHITECTURES = {"x86_64": (9, 8664), "amd64": (9, 8664), "aarch64": (12, 0), "
                   "i686": (0, 586), "i386": (0, 386)}
 
 
-def GetSystemInfo():
+def GetSystemInfo() -> SYSTEM_INFO:
+    """The page size, allocation granularity and the segment's address range, with this
+    machine's processors; it cannot fail."""
     info = default_client().info
     architecture, processor_type = _ARCHITECTURES.get(platform.machine().lower(), (0xFFFF, 0))
     cpus = os.sched_getaffinity(0)
@@ -152,6 +172,8 @@ def GetSystemInfo():
 
 @dataclass(slots=True)
 class MEMORYSTATUSEX:
+    """GlobalMemoryStatusEx's answer, with the Win32 field names."""
+
     dwLength: int
     dwMemoryLoad: int
     ullTotalPhys: int
@@ -163,7 +185,7 @@ class MEMORYSTATUSEX:
     ullAvailExtendedVirtual: int
 
 
-def GlobalMemoryStatusEx():
+def GlobalMemoryStatusEx() -> MEMORYSTATUSEX:
     """Physical memory from the OS; the 'page file' is the daemon's commit limit and what is
     left of it; 'virtual' is the segment's user address space and its free part."""
     status = default_client().memory_status()
@@ -188,7 +210,7 @@ def GlobalMemoryStatusEx():
 # inline (Client.view's first lines, without its call), and take Client.view otherwise. The
 # run is reset whenever the mapping closes (fork, a lost connection), so it is never stale.
 
-def view(address, size, *, write=False):
+def view(address: int, size: int, *, write: bool = False) -> memoryview:
     """A zero-copy memoryview of committed, accessible pages (read-only for read-only pages).
     Raises ShmheapPermissionError (ERROR_NOACCESS) for reserved, free, no-access or another
     process's pages, and GuardPageError once for PAGE_GUARD pages."""
@@ -201,11 +223,13 @@ def view(address, size, *, write=False):
     return default_client().view(address & _MASK64, size & _MASK64, write=write)
 
 
-def read(address, size):
+def read(address: int, size: int) -> bytes:
+    """A copy of the `size` bytes at `address`; raises as `view` does."""
     return bytes(view(address, size))
 
 
-def write(address, data):
+def write(address: int, data: bytes | bytearray | memoryview) -> None:
+    """Copy `data` (bytes or any buffer) to `address`; raises as `view(write=True)` does."""
     client = client_module.current
     if client is not None and client.mapping is not None and type(data) is bytes:
         start, end, allowed = client.mapping.last_run
@@ -218,8 +242,9 @@ def write(address, data):
     default_client().view(address & _MASK64, len(data), write=True)[:] = data
 
 
-def CopyMemory(Destination, Source, Length):
-    """Copy Length bytes; the ranges may overlap (memmove semantics, like MoveMemory)."""
+def CopyMemory(Destination: int, Source: int, Length: int) -> None:
+    """Copy Length bytes; the ranges may overlap (memmove semantics, like MoveMemory).
+    Raises as `view` does for memory this process may not touch (Windows faults)."""
     length = _size(Length)
     if length:
         view(_ptr(Destination), length, write=True)[:] = view(_ptr(Source), length)
@@ -228,18 +253,20 @@ def CopyMemory(Destination, Source, Length):
 MoveMemory = CopyMemory
 
 
-def FillMemory(Destination, Length, Fill):
+def FillMemory(Destination: int, Length: int, Fill: int) -> None:
+    """Set Length bytes to the low byte of Fill; raises as `view(write=True)` does."""
     length, fill = _size(Length), _dword(Fill) & 0xFF
     if length:
         target = view(_ptr(Destination), length, write=True)
         ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(target)), fill, length)
 
 
-def ZeroMemory(Destination, Length):
+def ZeroMemory(Destination: int, Length: int) -> None:
+    """Set Length bytes to 0; raises as `view(write=True)` does."""
     FillMemory(Destination, Length, 0)
 
 
-def RaiseLastError():
+def RaiseLastError() -> NoReturn:
     """Raise the exception for GetLastError() (for callers who prefer exceptions)."""
     raise_for(GetLastError())
 
@@ -305,7 +332,7 @@ def _outside_segment(address):
     return not default_client().in_segment(address)
 
 
-def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):
+def HeapCreate(flOptions: int, dwInitialSize: int, dwMaximumSize: int, *, name: str | None = None) -> int:
     """A private heap of this process; returns its handle (64 KiB aligned) or NULL.
     dwMaximumSize 0 makes it growable; `name` registers it under that name with the daemon."""
     try:
@@ -316,7 +343,9 @@ def HeapCreate(flOptions, dwInitialSize, dwMaximumSize, *, name=None):
     return heap.base
 
 
-def HeapDestroy(hHeap):
+def HeapDestroy(hHeap: int) -> bool:
+    """Free a private heap and every block in it; TRUE, or FALSE with ERROR_INVALID_HANDLE
+    (the process heap, a destroyed heap, another process's)."""
     try:
         heap = _heap(hHeap)
         with heap.lock:
@@ -326,11 +355,12 @@ def HeapDestroy(hHeap):
     return True
 
 
-def GetProcessHeap():
+def GetProcessHeap() -> int:
+    """The handle of this process's heap (made at connect); it cannot fail."""
     return default_client().process_heap.base
 
 
-def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
+def GetProcessHeaps(NumberOfHeaps: int = 0, ProcessHeaps: MutableSequence[int] | None = None) -> int:
     """Returns how many heaps the process has; stores at most NumberOfHeaps handles into the
     list ProcessHeaps (replacing its contents), process heap first, then by creation."""
     handles = list(default_client().heaps)
@@ -339,7 +369,9 @@ def GetProcessHeaps(NumberOfHeaps=0, ProcessHeaps=None):
     return len(handles)
 
 
-def HeapAlloc(hHeap, dwFlags, dwBytes):
+def HeapAlloc(hHeap: int, dwFlags: int, dwBytes: int) -> int:
+    """A block of exactly dwBytes (HEAP_ZERO_MEMORY: zeroed); its address, or NULL on failure.
+    Out of memory with HEAP_GENERATE_EXCEPTIONS raises STATUS_NO_MEMORY instead."""
     flags = dwFlags & _MASK32
     try:
         client = client_module.current  # _heap, inlined: the hot path
@@ -352,7 +384,9 @@ def HeapAlloc(hHeap, dwFlags, dwBytes):
         return _heap_failed(exc, 0, hHeap, flags)
 
 
-def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
+def HeapReAlloc(hHeap: int, dwFlags: int, lpMem: int, dwBytes: int) -> int:
+    """Resize a block, moving it unless HEAP_REALLOC_IN_PLACE_ONLY; the new address, or NULL
+    with the block left as it was (lpMem NULL: NULL with ERROR_SUCCESS, HR-01)."""
     address = _ptr(lpMem)
     if address == 0:
         _state.last_error = WinError.ERROR_SUCCESS  # HR-01
@@ -369,7 +403,9 @@ def HeapReAlloc(hHeap, dwFlags, lpMem, dwBytes):
         return _heap_failed(exc, 0, hHeap, flags)
 
 
-def HeapFree(hHeap, dwFlags, lpMem):
+def HeapFree(hHeap: int, dwFlags: int, lpMem: int) -> bool:
+    """Free a block (NULL is TRUE); FALSE on failure: ERROR_INVALID_PARAMETER for no block of
+    the heap, ERROR_NOACCESS outside the segment, the error untouched for non-heap memory."""
     address = lpMem & _MASK64
     if address == 0:
         return True  # HF-01: NULL short-circuits before the heap is looked at
@@ -408,7 +444,7 @@ def _in_foreign_region(address):
         heap.has_region(info.AllocationBase) for heap in client.heaps.values())
 
 
-def HeapSize(hHeap, dwFlags, lpMem):
+def HeapSize(hHeap: int, dwFlags: int, lpMem: int) -> int:
     """The exact requested size, or (SIZE_T)-1 with ERROR_INVALID_PARAMETER (HF-07)."""
     try:
         heap = _heap(hHeap)
@@ -421,7 +457,7 @@ def HeapSize(hHeap, dwFlags, lpMem):
         return _failed(exc, _MASK64)
 
 
-def HeapValidate(hHeap, dwFlags, lpMem):
+def HeapValidate(hHeap: int, dwFlags: int, lpMem: int) -> bool:
     """TRUE if the block (or, for NULL, the whole heap) is sound. A failing block or heap
     leaves the last error alone (HF-04, HF-05); a bad heap handle sets it."""
     try:
@@ -432,7 +468,7 @@ def HeapValidate(hHeap, dwFlags, lpMem):
         return heap.validate(_ptr(lpMem) or None)
 
 
-def HeapCompact(hHeap, dwFlags):
+def HeapCompact(hHeap: int, dwFlags: int) -> int:
     """Gives free memory back; returns the largest committed free range (0 with NO_ERROR when
     there is none, HI-07)."""
     try:
@@ -446,7 +482,7 @@ def HeapCompact(hHeap, dwFlags):
     return largest
 
 
-def HeapLock(hHeap):
+def HeapLock(hHeap: int) -> bool:
     """Take the heap's lock (recursive for its owner). A HEAP_NO_SERIALIZE heap has none to
     take: TRUE, excluding nothing (HL-03)."""
     try:
@@ -458,7 +494,9 @@ def HeapLock(hHeap):
     return True
 
 
-def HeapUnlock(hHeap):
+def HeapUnlock(hHeap: int) -> bool:
+    """Release the heap's lock; TRUE, or FALSE with ERROR_NOT_LOCKED if this thread does not
+    hold it."""
     try:
         heap = _heap(hHeap)
         if not heap.flags & HEAP_NO_SERIALIZE:
@@ -483,7 +521,7 @@ class PROCESS_HEAP_ENTRY:
             self.lpFirstBlock = first
             self.lpLastBlock = last
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lpData = 0
         self.cbData = 0
         self.cbOverhead = 0
@@ -492,7 +530,7 @@ class PROCESS_HEAP_ENTRY:
         self.Region = self._Region()
         self.walk = None  # the snapshot being walked
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"PROCESS_HEAP_ENTRY(lpData={self.lpData:#x}, cbData={self.cbData}, cbOverhead="
                 f"{self.cbOverhead}, iRegionIndex={self.iRegionIndex}, wFlags={self.wFlags:#x})")
 
@@ -501,7 +539,7 @@ _WALK_FLAGS = {"region": PROCESS_HEAP_REGION, "uncommitted": PROCESS_HEAP_UNCOMM
                "busy": PROCESS_HEAP_ENTRY_BUSY, "large": PROCESS_HEAP_ENTRY_BUSY, "free": 0}
 
 
-def HeapWalk(hHeap, lpEntry):
+def HeapWalk(hHeap: int, lpEntry: PROCESS_HEAP_ENTRY) -> bool:
     """Fill lpEntry with the next entry of the heap; FALSE with ERROR_NO_MORE_ITEMS at the end.
     The walk reads a snapshot taken when lpData is 0 (hold HeapLock to keep it current)."""
     try:
@@ -535,11 +573,13 @@ def _local(method, *args):
         return method(table, *args)
 
 
-def LocalAlloc(uFlags, uBytes):
+def LocalAlloc(uFlags: int, uBytes: int) -> int:
+    """An object on the process heap: a fixed one's address, or with LMEM_MOVEABLE a handle to
+    lock; NULL on failure."""
     return _attempt(0, _local, MoveableTable.alloc, _dword(uFlags), _size(uBytes))
 
 
-def LocalFree(hMem):
+def LocalFree(hMem: int) -> int:
     """NULL on success; the handle back, with the error set, on failure."""
     handle = _ptr(hMem)
     try:
@@ -549,15 +589,20 @@ def LocalFree(hMem):
     return 0
 
 
-def LocalReAlloc(hMem, uBytes, uFlags):
+def LocalReAlloc(hMem: int, uBytes: int, uFlags: int) -> int:
+    """Resize (or with LMEM_MODIFY change the flags of) an object; its handle or new address,
+    or NULL on failure, the object left as it was."""
     return _attempt(0, _local, MoveableTable.realloc, _ptr(hMem), _size(uBytes), _dword(uFlags))
 
 
-def LocalSize(hMem):
+def LocalSize(hMem: int) -> int:
+    """The object's size in bytes; 0 for a discarded object, or on failure."""
     return _attempt(0, _local, MoveableTable.size, _ptr(hMem))
 
 
-def LocalLock(hMem):
+def LocalLock(hMem: int) -> int:
+    """The object's data pointer (a moveable object's lock count goes up); NULL on failure,
+    leaving the last error alone for a value that is no memory (GL-21)."""
     try:
         return _local(MoveableTable.lock, _ptr(hMem))
     except ShmheapError as exc:
@@ -566,7 +611,9 @@ def LocalLock(hMem):
         return _failed(exc, 0)
 
 
-def LocalUnlock(hMem):
+def LocalUnlock(hMem: int) -> bool:
+    """TRUE while the object stays locked; FALSE with NO_ERROR once the count reaches 0,
+    FALSE with the error on failure (GL-06)."""
     try:
         locked = _local(MoveableTable.unlock, _ptr(hMem))
     except ShmheapError as exc:
@@ -576,28 +623,31 @@ def LocalUnlock(hMem):
     return locked
 
 
-def LocalFlags(hMem):
+def LocalFlags(hMem: int) -> int:
+    """The lock count and LMEM_* flags of an object; LMEM_INVALID_HANDLE on failure."""
     return _attempt(LMEM_INVALID_HANDLE, _local, MoveableTable.flags, _ptr(hMem))
 
 
-def LocalHandle(pMem):
+def LocalHandle(pMem: int) -> int:
+    """The handle of the object whose data pointer is pMem; NULL on failure."""
     return _attempt(0, _local, MoveableTable.handle, _ptr(pMem))
 
 
-def LocalDiscard(hMem):
+def LocalDiscard(hMem: int) -> int:
+    """Discard a moveable object's data, keeping its handle; the handle, or NULL on failure."""
     return _attempt(0, _local, MoveableTable.discard, _ptr(hMem))
 
 
 # ---- GlobalAlloc: objects in the daemon's global heap, valid in every process --------------
 # The daemon keeps the objects, lock counts and ownership; each call is one round trip.
 
-def GlobalAlloc(uFlags, dwBytes):
-    """A fixed object (its handle is its address) or, with GMEM_MOVEABLE, a handle to lock.
-    It dies with this process unless GMEM_DDESHARE / GMEM_SHARE."""
+def GlobalAlloc(uFlags: int, dwBytes: int) -> int:
+    """A fixed object (its handle is its address) or, with GMEM_MOVEABLE, a handle to lock;
+    NULL on failure. It dies with this process unless GMEM_DDESHARE / GMEM_SHARE."""
     return _attempt(0, default_client().global_alloc, _dword(uFlags), _size(dwBytes))
 
 
-def GlobalFree(hMem):
+def GlobalFree(hMem: int) -> int:
     """NULL on success; the handle back, with the error set, on failure."""
     handle = _ptr(hMem)
     try:
@@ -607,19 +657,26 @@ def GlobalFree(hMem):
     return 0
 
 
-def GlobalReAlloc(hMem, dwBytes, uFlags):
+def GlobalReAlloc(hMem: int, dwBytes: int, uFlags: int) -> int:
+    """Resize (or with GMEM_MODIFY change the flags of) an object; its handle or new address,
+    or NULL on failure, the object left as it was."""
     return _attempt(0, default_client().global_realloc, _ptr(hMem), _size(dwBytes), _dword(uFlags))
 
 
-def GlobalSize(hMem):
+def GlobalSize(hMem: int) -> int:
+    """The object's size in bytes; 0 for a discarded object, or on failure."""
     return _attempt(0, default_client().global_size, _ptr(hMem))
 
 
-def GlobalLock(hMem):
+def GlobalLock(hMem: int) -> int:
+    """The object's data pointer, the same in every process (a moveable object's lock count
+    goes up); NULL on failure."""
     return _attempt(0, default_client().global_lock, _ptr(hMem))
 
 
-def GlobalUnlock(hMem):
+def GlobalUnlock(hMem: int) -> bool:
+    """TRUE while the object stays locked; FALSE with NO_ERROR once the count reaches 0 (GL-06);
+    on failure FALSE, but TRUE with ERROR_INVALID_HANDLE for a freed handle (GL-18)."""
     try:
         locked = default_client().global_unlock(_ptr(hMem))
     except ShmheapError as exc:
@@ -630,29 +687,33 @@ def GlobalUnlock(hMem):
     return locked
 
 
-def GlobalFlags(hMem):
+def GlobalFlags(hMem: int) -> int:
+    """The lock count and GMEM_* flags of an object; GMEM_INVALID_HANDLE on failure."""
     return _attempt(GMEM_INVALID_HANDLE, default_client().global_flags, _ptr(hMem))
 
 
-def GlobalHandle(pMem):
+def GlobalHandle(pMem: int) -> int:
+    """The handle of the object whose data pointer is pMem; NULL on failure."""
     return _attempt(0, default_client().global_handle, _ptr(pMem))
 
 
-def GlobalDiscard(hMem):
+def GlobalDiscard(hMem: int) -> int:
+    """Discard a moveable object's data, keeping its handle; the handle, or NULL on failure."""
     return GlobalReAlloc(hMem, 0, GMEM_MOVEABLE)
 
 
-def GlobalCompact(dwMinFree):
-    """Moves unlocked moveable objects together; returns the largest free block."""
+def GlobalCompact(dwMinFree: int) -> int:
+    """Moves unlocked moveable objects together; returns the largest free block, or 0 on
+    failure."""
     return _attempt(0, default_client().global_compact, _size(dwMinFree))
 
 
 # ---- named file mappings (sections) -------------------------------------------------------
 
-def CreateFileMapping(hFile, lpFileMappingAttributes, flProtect, dwMaximumSizeHigh,
-                      dwMaximumSizeLow, lpName):
-    """A pagefile-backed section (hFile must be INVALID_HANDLE_VALUE). Opening an existing
-    name returns a handle to it and sets ERROR_ALREADY_EXISTS."""
+def CreateFileMapping(hFile: int, lpFileMappingAttributes: object, flProtect: int, dwMaximumSizeHigh: int,
+                      dwMaximumSizeLow: int, lpName: str | None) -> int:
+    """A pagefile-backed section (hFile must be INVALID_HANDLE_VALUE); its handle, or NULL on
+    failure. Opening an existing name returns a handle to it and sets ERROR_ALREADY_EXISTS."""
     size = (_dword(dwMaximumSizeHigh) << 32) | _dword(dwMaximumSizeLow)
     try:
         if _ptr(hFile) != INVALID_HANDLE_VALUE:  # sections of real files: not here
@@ -667,27 +728,33 @@ def CreateFileMapping(hFile, lpFileMappingAttributes, flProtect, dwMaximumSizeHi
 CreateFileMappingW = CreateFileMappingA = CreateFileMapping
 
 
-def OpenFileMapping(dwDesiredAccess, bInheritHandle, lpName):
+def OpenFileMapping(dwDesiredAccess: int, bInheritHandle: bool, lpName: str) -> int:
+    """A new handle to the named section; NULL on failure (ERROR_FILE_NOT_FOUND for no section
+    of that name). bInheritHandle is ignored."""
     return _attempt(0, default_client().section_open, _dword(dwDesiredAccess), str(lpName))
 
 
 OpenFileMappingW = OpenFileMappingA = OpenFileMapping
 
 
-def MapViewOfFile(hFileMappingObject, dwDesiredAccess, dwFileOffsetHigh, dwFileOffsetLow,
-                  dwNumberOfBytesToMap):
-    """The address of the view: the section's own bytes, the same address in every process.
-    FILE_MAP_READ alone makes this process's views read-only."""
+def MapViewOfFile(hFileMappingObject: int, dwDesiredAccess: int, dwFileOffsetHigh: int, dwFileOffsetLow: int,
+                  dwNumberOfBytesToMap: int) -> int:
+    """The address of the view: the section's own bytes, the same address in every process;
+    NULL on failure. FILE_MAP_READ alone makes this process's views read-only."""
     offset = (_dword(dwFileOffsetHigh) << 32) | _dword(dwFileOffsetLow)
     return _attempt(0, default_client().section_map, _ptr(hFileMappingObject),
                     _dword(dwDesiredAccess), offset, _size(dwNumberOfBytesToMap))
 
 
-def UnmapViewOfFile(lpBaseAddress):
+def UnmapViewOfFile(lpBaseAddress: int) -> bool:
+    """Unmap a view of this process's; TRUE, or FALSE with ERROR_INVALID_ADDRESS if no view
+    starts there."""
     return _attempt(False, default_client().section_unmap, _ptr(lpBaseAddress))
 
 
-def CloseHandle(hObject):
+def CloseHandle(hObject: int) -> bool:
+    """Close a section handle (the section goes with its last handle and view); TRUE, or FALSE
+    with ERROR_INVALID_HANDLE."""
     return _attempt(False, default_client().section_close, _ptr(hObject))
 
 
@@ -698,38 +765,42 @@ def CloseHandle(hObject):
 # handle (GlobalAlloc) that SetClipboardData hands to the clipboard: do not free or lock it
 # after; every process reads the same handle with GetClipboardData and GlobalLock.
 
-def OpenClipboard(hWndNewOwner):
+def OpenClipboard(hWndNewOwner: int) -> bool:
     """TRUE, or FALSE with ERROR_ACCESS_DENIED while another process has it open (CB-04)."""
     return _attempt(False, _true, default_client().clipboard_open, _ptr(hWndNewOwner))
 
 
-def CloseClipboard():
+def CloseClipboard() -> bool:
+    """Close the clipboard this process opened; TRUE, or FALSE with ERROR_CLIPBOARD_NOT_OPEN."""
     return _attempt(False, _true, default_client().clipboard_close)
 
 
-def EmptyClipboard():
-    """Frees every format's data; the opener's window becomes the owner (CB-12)."""
+def EmptyClipboard() -> bool:
+    """Frees every format's data; the opener's window becomes the owner (CB-12). TRUE, or
+    FALSE with ERROR_CLIPBOARD_NOT_OPEN unless this process has it open."""
     return _attempt(False, _true, default_client().clipboard_empty)
 
 
-def SetClipboardData(uFormat, hMem):
+def SetClipboardData(uFormat: int, hMem: int) -> int:
     """hMem, now the clipboard's; NULL on failure. hMem 0 promises the format: its owner
     process renders it when asked (SetClipboardRenderer). Needs the clipboard open by some
     process (CB-16, CB-17)."""
     return _attempt(0, default_client().clipboard_set, _dword(uFormat), _ptr(hMem))
 
 
-def GetClipboardData(uFormat):
+def GetClipboardData(uFormat: int) -> int:
     """The format's global handle (the same in every process), or NULL: ERROR_NOT_FOUND if
     it is not there (CB-27), ERROR_CLIPBOARD_NOT_OPEN unless this process has it open."""
     return _attempt(0, default_client().clipboard_get, _dword(uFormat))
 
 
-def IsClipboardFormatAvailable(format):
+def IsClipboardFormatAvailable(format: int) -> bool:
+    """TRUE if the clipboard has the format (or can synthesize it); any process, open or not
+    (CB-41). FALSE on failure."""
     return _attempt(False, default_client().clipboard_available, _dword(format))
 
 
-def EnumClipboardFormats(format):
+def EnumClipboardFormats(format: int) -> int:
     """The format after `format` (0: the first); 0 at the end, with ERROR_SUCCESS (CB-39)."""
     result = _attempt(None, default_client().clipboard_enum, _dword(format))
     if result is None:
@@ -738,11 +809,12 @@ def EnumClipboardFormats(format):
     return result
 
 
-def CountClipboardFormats():
+def CountClipboardFormats() -> int:
+    """How many formats the clipboard holds, synthesized ones included; 0 on failure."""
     return _attempt(0, lambda: len(default_client().clipboard_info()["formats"]))
 
 
-def RegisterClipboardFormat(lpszFormat):
+def RegisterClipboardFormat(lpszFormat: str | None) -> int:
     """A value in 0xC000..0xFFFF, the same for the same name (case-insensitive) in every
     process; 0 with ERROR_INVALID_PARAMETER for None, ERROR_INVALID_NAME for "" (CB-72)."""
     if lpszFormat is None:
@@ -754,7 +826,7 @@ def RegisterClipboardFormat(lpszFormat):
 RegisterClipboardFormatW = RegisterClipboardFormatA = RegisterClipboardFormat
 
 
-def GetClipboardFormatName(format):
+def GetClipboardFormatName(format: int) -> str | None:
     """The registered format's name, or None (ERROR_INVALID_HANDLE) for any other value,
     the standard formats included (CB-73)."""
     return _attempt(None, default_client().clipboard_format_name, _dword(format))
@@ -763,28 +835,29 @@ def GetClipboardFormatName(format):
 GetClipboardFormatNameW = GetClipboardFormatNameA = GetClipboardFormatName
 
 
-def GetClipboardSequenceNumber():
+def GetClipboardSequenceNumber() -> int:
+    """The clipboard's sequence number, which moves on every change; 0 on failure."""
     return _attempt(0, lambda: default_client().clipboard_info()["sequence"])
 
 
-def GetClipboardOwner():
+def GetClipboardOwner() -> int:
     """The window that last emptied the clipboard (0 if none, or opened with 0)."""
     return _attempt(0, lambda: default_client().clipboard_info()["owner"])
 
 
-def GetOpenClipboardWindow():
+def GetOpenClipboardWindow() -> int:
     """The window the clipboard is open with (0 if closed, or opened with 0)."""
     return _attempt(0, lambda: default_client().clipboard_info()["open_window"])
 
 
-def GetPriorityClipboardFormat(paFormatPriorityList, cFormats=None):
+def GetPriorityClipboardFormat(paFormatPriorityList: Iterable[int], cFormats: int | None = None) -> int:
     """The first format of the list on the clipboard; 0 if the clipboard is empty, -1 if
     none of them is there (CB-47)."""
     formats = list(paFormatPriorityList)[:cFormats]
     return _attempt(-1, default_client().clipboard_priority, [_dword(fmt) for fmt in formats])
 
 
-def SetClipboardRenderer(callback):
+def SetClipboardRenderer(callback: Callable[[int], object] | None) -> None:
     """Not Win32: WM_RENDERFORMAT's role. `callback(uFormat)` runs on a thread of this
     process's own when another process asks for a format this process promised
     (SetClipboardData(uFormat, 0)); it renders with SetClipboardData(uFormat, hMem), the

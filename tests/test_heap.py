@@ -8,7 +8,7 @@ import pytest
 
 from shmheap import connect
 from shmheap.errors import ShmheapMemoryError, ShmheapValueError
-from shmheap.heap import LARGE_THRESHOLD, SMALL_MAX, Heap, heap_layout
+from shmheap.heap import LARGE_THRESHOLD, SMALL_MAX, Heap, _large_pages, heap_layout
 from shmheapd.handles import PageTablePages
 
 SIZE = 256 * 2**20
@@ -90,6 +90,22 @@ def test_refusals_change_nothing(make_heap):
     assert heap.check()["live"] == before["live"] - 1
 
 
+def _check_usage(heap, live):
+    """usage() (what `shmheap stat` shows) accounts for every committed byte: committed =
+    region headers + the live blocks' extents + slab tails + free bytes; its block count is
+    the model's, and the largest free range is part of the free bytes."""
+    blocks, free, largest = heap.usage()
+    assert blocks == len(live) and 0 <= largest <= free
+    extents = 0
+    for address, (size, _) in live.items():
+        kind, slab, _ = heap._locate(address)
+        extents += {"small": lambda: slab.block, "medium": lambda: heap._extent(size),
+                    "large": lambda: _large_pages(size)}[kind]()
+    tails = sum(slab.size - len(slab.sizes) * slab.block for slab in heap.slab_set)
+    headers = sum(region.start - region.base for region in heap.regions)
+    assert heap.committed == headers + extents + tails + free
+
+
 @pytest.mark.parametrize("seed,purges", [(1, False), (2, False), (3, False), (4, True), (5, True), (6, True)])
 def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed, purges):
     """Random alloc/realloc/free across all three block kinds (and, with `purges`, the purge
@@ -134,6 +150,7 @@ def test_random_walk_keeps_blocks_apart_and_intact(make_heap, seed, purges):
             heap.purge()
         if step % 100 == 0:
             heap.check()
+            _check_usage(heap, live)
             spans = sorted((a, a + s) for a, (s, _) in live.items())
             assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:]))
             for address, (size, fill) in live.items():

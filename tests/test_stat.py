@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import shmheap
 from shmheap.constants import PAGE_READWRITE
-from conftest import receive
+from conftest import receive, wait_until
 
 MiB = 2**20
 spawn = multiprocessing.get_context("spawn")
@@ -48,6 +50,11 @@ def test_stat_json_matches_what_the_processes_made(daemon, client):
         assert row["reserved"] == sum(size for _, size, _, _, _ in regions)
         assert row["committed"] == next(p["committed"] for p in status["processes"] if p["pid"] == pid)
         assert row["heaps"] == 2 and row["global_objects"] == 3 and row["connections"] == 1
+        assert (row["private_reserved"], row["private_committed"]) == (MiB, MiB)  # the VirtualAlloc
+        mine = [h for h in stat["heaps"] if h["owner"] == pid]
+        assert row["heap_reserved"] == sum(h["reserved"] for h in mine)
+        assert row["heap_committed"] == sum(h["committed"] for h in mine)
+        assert row["reserved"] == row["private_reserved"] + row["heap_reserved"]
         assert row["command"] in ("python3", "python") or row["command"].startswith("python")
         heap = next(h for h in stat["heaps"] if h["name"] == "stat me")
         assert heap["owner"] == pid and heap["committed"] == MiB
@@ -66,6 +73,49 @@ def test_stat_json_matches_what_the_processes_made(daemon, client):
     finally:
         ours.send("done")
         child.join(10)
+
+
+def _fragmenter(socket_path, conn):
+    client = shmheap.connect(socket_path, autostart=False)
+    heap = client.create_heap("fragmented", initial=MiB)
+    blocks = [heap.alloc(3000) for _ in range(100)]
+    for block in blocks[::2]:
+        block.free()  # a free range between every two live blocks
+    smalls = [heap.alloc(24) for _ in range(10)]
+    conn.send((os.getpid(), heap.handle, heap._heap.usage()))
+    conn.recv()  # no more changes: the heap's last report is the one we sent
+    del smalls
+
+
+def test_stat_shows_what_lies_inside_each_heap_as_its_process_reports_it(daemon):
+    ours, theirs = spawn.Pipe()
+    child = spawn.Process(target=_fragmenter, args=(daemon.socket, theirs), daemon=True)
+    child.start()
+    try:
+        pid, handle, (blocks, free, largest) = receive(ours)
+        assert blocks == 60 and 0 < largest < free  # as the child's heap counts them
+        def reported():
+            heap = next(h for h in _stat(daemon.socket)["heaps"] if h["handle"] == handle)
+            return heap if heap["blocks"] == blocks else None  # reports come about once a second
+        heap = wait_until(reported, timeout=15, interval=0.2, what="the heap's report")
+        assert heap["owner"] == pid and heap["name"] == "fragmented"
+        assert (heap["free"], heap["largest_free"]) == (free, largest)
+        assert heap["fragmentation"] == round(1 - largest / free, 3) > 0
+        assert 0 <= heap["reported"] < 10
+        assert heap["free"] + blocks * 16 <= heap["committed"] == MiB
+    finally:
+        ours.send("done")
+        child.join(10)
+
+
+def test_a_report_that_cannot_be_true_is_refused(daemon, client):
+    heap = client.create_heap("honest", initial=MiB)
+    with pytest.raises(shmheap.ShmheapValueError):
+        client.connection.call("heap_report", heap.handle, 1, 2 * MiB, 1)  # more free than committed
+    with pytest.raises(shmheap.ShmheapValueError):
+        client.connection.call("heap_report", heap.handle, 0, 100, 200)  # a range larger than the free bytes
+    with pytest.raises(shmheap.ShmheapError):
+        client.connection.call("heap_report", heap.handle + 65536, 0, 0, 0)  # no such heap of ours
 
 
 def test_stat_tables_and_watch(daemon, client):
