@@ -6,6 +6,8 @@ import time
 
 import shmheap
 
+SOCKET_HELP = "the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)"
+
 
 def positive(kind):
     """An argparse type: a number of `kind` above 0 (the parser's one-line error otherwise)."""
@@ -80,7 +82,7 @@ def main(argv=None):
                        ("check", "ask the daemon to verify its invariants"),
                        ("stop", "ask the daemon to shut down cleanly (socket and segment removed)")):
         command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("--socket", help="the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)")
+        command.add_argument("--socket", help=SOCKET_HELP)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         from . import demo

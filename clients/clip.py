@@ -12,10 +12,13 @@ interrupted; clear empties the clipboard.
 """
 
 import argparse
+import functools
 import sys
 
 import shmheap
 from shmheap.clipboard import BINARY_FORMAT
+
+from .cli import SOCKET_HELP
 
 
 def _copy(clipboard, args):
@@ -87,18 +90,22 @@ def _clear(clipboard, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="shmheap clip", description=__doc__.splitlines()[0])
-    parser.add_argument("--socket", help="the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)")
+    parser.add_argument("--socket", help=SOCKET_HELP)
+    # --socket also after the command (`shmheap clip paste --socket S`), as on every other command
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--socket", default=argparse.SUPPRESS, help=SOCKET_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    copy = commands.add_parser("copy", help="put stdin (or FILE) on the clipboard")
+    add = functools.partial(commands.add_parser, parents=[after])
+    copy = add("copy", help="put stdin (or FILE) on the clipboard")
     copy.add_argument("file", nargs="?", help="a file to copy instead of stdin")
     copy.add_argument("--format", help="the format: a CF_* name, 'text', or any name (default: text if UTF-8)")
-    paste = commands.add_parser("paste", help="write the clipboard to stdout")
+    paste = add("paste", help="write the clipboard to stdout")
     paste.add_argument("--format", help="the format to paste (default: text, else the first)")
     paste.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a promised format")
-    commands.add_parser("list", help="the formats on the clipboard, with their sizes")
-    watch = commands.add_parser("watch", help="print a line per change until interrupted")
+    add("list", help="the formats on the clipboard, with their sizes")
+    watch = add("watch", help="print a line per change until interrupted")
     watch.add_argument("--timeout", type=float, default=None, help="stop after this many quiet seconds")
-    commands.add_parser("clear", help="empty the clipboard")
+    add("clear", help="empty the clipboard")
     args = parser.parse_args(argv)
     actions = {"copy": _copy, "paste": _paste, "list": _list, "watch": _watch, "clear": _clear}
     try:

@@ -4,6 +4,7 @@ Each step prints what it did and what the daemon or the kernel says about it; a 
 outcome is not what shmheap promises raises, so the demo doubles as a smoke test.
 """
 
+import argparse
 import ctypes
 import faulthandler
 import importlib.util
@@ -13,8 +14,11 @@ import signal
 
 import shmheap
 from shmheap import win32
+from shmheap.segment import SOCKET_ENV
 from shmheap.win32 import (MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READONLY,
                            PAGE_READWRITE)
+
+from .cli import SOCKET_HELP
 
 MiB = 2**20
 _STATES = {0x1000: "MEM_COMMIT", 0x2000: "MEM_RESERVE", 0x10000: "MEM_FREE"}
@@ -104,6 +108,11 @@ def _clip_writer(socket_path):
 
 
 def main(argv=None):
+    parser = argparse.ArgumentParser(prog="shmheap demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", help=SOCKET_HELP + "; started there if none listens")
+    args = parser.parse_args(argv)
+    if args.socket:
+        os.environ[SOCKET_ENV] = args.socket  # for the facade's connection and every child's
     spawn = multiprocessing.get_context("spawn")
     client = shmheap.default_client()  # autostarts the embedded daemon if none listens
     info = client.info
@@ -227,9 +236,19 @@ def main(argv=None):
     drawn, scale, counts = page_map.tally(page_map_now, cells=256)
     for line in page_map.render_text(drawn, scale, counts, page_map_now["page_size"], width=64):
         _say("   " + line)
-    totals = client.stat()["totals"]
+    stat = client.stat()
+    totals = stat["totals"]
     _say(f"   committed {totals['committed']:,} bytes, {totals['resident']:,} in tmpfs (the segment's header"
          f" page besides); what the demo freed goes back within seconds, as the heaps' purge delay says")
+    me = next(p for p in stat["processes"] if p["pid"] == client.pid)
+    _say(f"   this process: private memory {me['private_committed']:,} of {me['private_reserved']:,} bytes"
+         f" committed, heaps {me['heap_committed']:,} of {me['heap_reserved']:,}, {me['heaps']} heaps,"
+         f" {me['global_objects']} global objects")
+    for heap in (h for h in stat["heaps"] if h["owner"] == client.pid):
+        inside = "not reported yet" if heap["reported"] is None else (
+            f"{heap['blocks']:,} blocks, {heap['free']:,} bytes free, largest free range {heap['largest_free']:,},"
+            f" fragmentation {heap['fragmentation']:.2f}")
+        _say(f"     heap {heap['name']!r}: {heap['committed']:,} bytes committed; {inside}")
     client.check()
     _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
     return 0

@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 
 import shmheap
 
-from .cli import positive
+from .cli import SOCKET_HELP, positive
 
 TYPES = {"private": "P", "heap": "H", "global": "G", "section": "S"}  # region kind -> letter
 COLOURS = {"P": (46, 134, 193), "H": (39, 174, 96), "G": (211, 84, 0), "S": (142, 68, 173)}
@@ -117,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--pages-per-cell", type=positive(int), help="the scale (default: fit about 2048 cells)")
     parser.add_argument("--width", type=positive(int), default=64, help="cells a row")
     parser.add_argument("--output", metavar="PATH", help="also draw it as an SVG file")
-    parser.add_argument("--socket", help="the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)")
+    parser.add_argument("--socket", help=SOCKET_HELP)
     args = parser.parse_args(argv)
     try:
         with shmheap.connect(args.socket, autostart=False) as client:

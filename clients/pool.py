@@ -11,14 +11,16 @@ them once the results are in; workers only borrow them.
 
 import argparse
 import multiprocessing
+import os
 import sys
 import time
 
 import numpy
 
 import shmheap
+from shmheap.segment import SOCKET_ENV
 
-from .cli import positive
+from .cli import SOCKET_HELP, positive
 
 
 def transform(buffer, index):
@@ -63,7 +65,10 @@ def main(argv=None):
     parser.add_argument("--count", type=positive(int), default=1 << 20, help="float64 values per buffer")
     parser.add_argument("--start-method", default="spawn",
                         choices=multiprocessing.get_all_start_methods())
+    parser.add_argument("--socket", help=SOCKET_HELP + "; started there if none listens")
     args = parser.parse_args(argv)
+    if args.socket:
+        os.environ[SOCKET_ENV] = args.socket  # the workers reattach buffers on the same daemon
     try:
         failures = run(args.workers, args.buffers, args.count, args.start_method)
     except shmheap.ShmheapError as exc:

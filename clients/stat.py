@@ -37,7 +37,7 @@ import time
 
 import shmheap
 
-from .cli import positive
+from .cli import SOCKET_HELP, positive
 
 
 def _bytes(n):
@@ -93,7 +93,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="shmheap stat", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="the schema above, for scripts")
     parser.add_argument("--watch", type=positive(float), metavar="SECONDS", help="refresh in place")
-    parser.add_argument("--socket", help="the daemon's socket (default: SHMHEAP_SOCKET, or the user's own)")
+    parser.add_argument("--socket", help=SOCKET_HELP)
     args = parser.parse_args(argv)
     try:
         with shmheap.connect(args.socket, autostart=False) as client:

@@ -151,9 +151,12 @@ class Runs:
                 del starts[i], values[i]
 
 
+SOCKET_ENV = "SHMHEAP_SOCKET"  # the socket of the daemon a process uses unless told otherwise
+
+
 def default_socket_path():
     """`$SHMHEAP_SOCKET`, else `$XDG_RUNTIME_DIR/shmheap/shmheapd.sock`, else /tmp/shmheap-$UID/."""
-    path = os.environ.get("SHMHEAP_SOCKET")
+    path = os.environ.get(SOCKET_ENV)
     if path:
         return path
     runtime = os.environ.get("XDG_RUNTIME_DIR")

@@ -47,7 +47,7 @@ def _cli(*args, env=None):
 
 def test_every_daemon_command_without_a_daemon_is_one_line_and_exit_1(short_dir):
     missing = os.path.join(short_dir, "none", "d.sock")
-    for command in ("status", "check", "stop"):
+    for command in ("status", "check", "stop", "stat", "map"):
         proc = _cli(command, "--socket", missing)
         assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
         assert proc.stderr.count("\n") == 1 and f"shmheap {command}:" in proc.stderr, proc.stderr
@@ -185,3 +185,20 @@ def test_the_systemd_unit_runs_the_daemon_it_describes(short_dir):
         assert daemon.wait(10) == 0, daemon.stderr.read()
         daemon.stderr.close()
     assert not os.path.exists(socket_path) and not os.path.exists("/dev/shm" + segment.segment_name(socket_path))
+
+
+def test_socket_goes_before_or_after_a_clip_command(daemon, client):
+    client.clipboard.copy("where the socket option goes")
+    for args in (["clip", "--socket", daemon.socket, "paste"], ["clip", "paste", "--socket", daemon.socket]):
+        proc = _cli(*args)
+        assert proc.returncode == 0 and proc.stdout == "where the socket option goes", (args, proc.stderr)
+
+
+def test_pool_runs_on_the_daemon_its_socket_names(daemon, client):
+    import re
+
+    before = set(re.findall(r"pid (\d+) connected", daemon.log_text()))
+    proc = _cli("pool", "--workers", "2", "--buffers", "3", "--count", "1000", "--socket", daemon.socket)
+    assert proc.returncode == 0 and "3 checked, 0 wrong" in proc.stdout, proc.stderr
+    pids = set(re.findall(r"pid (\d+) connected", daemon.log_text())) - before
+    assert len(pids) >= 3  # the pool and both its workers
