@@ -10,10 +10,10 @@ import typing
 import pytest
 
 import shmheap
-from shmheap import client, clipboard, heap, private_heap, shared_buffer, win32
+from shmheap import client, clipboard, com, crt, heap, private_heap, shared_buffer, win32
 
 # Every public function and class these modules define, with the public methods of each class.
-MODULES = [win32, client, private_heap, shared_buffer, clipboard]
+MODULES = [win32, client, private_heap, shared_buffer, clipboard, crt, com]
 # heap.py's public face: the allocator and the page source it runs over.
 CLASSES = [heap.Heap, heap.PageSource]
 
