@@ -43,6 +43,16 @@ before timing and kept for the whole run):
     batch allocation  per buffer: Client.share_many([64] * 10000), one round trip, versus
                       10,000 Client.share(64) calls. Freeing them afterwards is not timed.
 
+and files and the C runtime:
+
+    file read         per read of a whole 256 MiB file (16 MiB with --quick), in the page
+                      cache: open, map or read, zlib.crc32 over every byte, close. shmheap:
+                      CreateFile + CreateFileMapping + MapViewOfFile, crc32 of the view,
+                      UnmapViewOfFile + CloseHandle; baselines: open().read(), and Python's
+                      mmap.mmap of the file.
+    malloc            malloc + free of 64 B (shmheap.crt, the process's CRT heap) versus
+                      HeapAlloc + HeapFree on GetProcessHeap(): the layer above the heap.
+
 Each row prints as it finishes, with its goal and whether this run met it.
 
 The machine may be small and shared, so every figure is the median over batches (the mean
@@ -76,7 +86,7 @@ from multiprocessing import shared_memory
 import msgpack
 
 import shmheap
-from shmheap import win32
+from shmheap import crt, win32
 
 START_TIMEOUT = 15.0  # seconds for a child server to accept
 RECV_SIZE = 64 * 1024  # as shmheap's client and daemon
@@ -710,6 +720,62 @@ def _check_size(data, size):
         raise RuntimeError(f"the exchange delivered {len(data)} bytes, not the {size} sent")
 
 
+# ---- files and the C runtime -----------------------------------------------------------------
+
+def _file_rows(folder, mib, batches):
+    """Read a whole file (in the page cache) three ways, alternately: through a mapped view,
+    with open().read(), with mmap.mmap; zlib.crc32 reads every byte of each. Returns the
+    rows against each baseline, from the same run."""
+    import mmap
+    import zlib
+
+    path = os.path.join(folder, "read.dat")
+    chunk = bytes(range(256)) * 4096
+    with open(path, "wb") as f:
+        for _ in range(mib * 2**20 // len(chunk)):
+            f.write(chunk)
+    expected = zlib.crc32(open(path, "rb").read())
+
+    def mapped_view():
+        handle = win32.CreateFile(path, win32.GENERIC_READ, win32.FILE_SHARE_READ, None, win32.OPEN_EXISTING, 0, None)
+        mapping = win32.CreateFileMapping(handle, None, win32.PAGE_READONLY, 0, 0, None)
+        win32.CloseHandle(handle)
+        view = win32.MapViewOfFile(mapping, win32.FILE_MAP_READ, 0, 0, 0)
+        crc = zlib.crc32(win32.view(view, mib * 2**20))
+        win32.UnmapViewOfFile(view)
+        win32.CloseHandle(mapping)
+        return crc
+
+    def read_all():
+        with open(path, "rb") as f:
+            return zlib.crc32(f.read())
+
+    def python_mmap():
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return zlib.crc32(mapped)
+
+    def timed(read):
+        def batch():
+            start = time.perf_counter()
+            if read() != expected:
+                raise RuntimeError("a file read gave other bytes")
+            return time.perf_counter() - start
+        return batch
+
+    ours, by_read, by_mmap = _alternate([timed(mapped_view), timed(read_all), timed(python_mmap)], batches)
+    os.unlink(path)
+    return {"file_read": _row(ours, by_read), "file_mmap": _row(ours, by_mmap)}
+
+
+def _malloc_pair():
+    crt.free(crt.malloc(64))
+
+
+def _heap_alloc_pair():
+    heap = win32.GetProcessHeap()
+    win32.HeapFree(heap, 0, win32.HeapAlloc(heap, 0, 64))
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 # key, operation, what is compared, goal: the ratio at or below which it is met (None: none)
@@ -740,6 +806,9 @@ def rows(settings):
         ("pool_steady_shm", f"{array} steady", "SharedBuffer vs SharedMemory", 1.0),
         ("share_many", f"{settings['share_many_n']:,} shares, per buffer",
          f"share_many vs {settings['share_many_n']:,} x share", None),
+        ("file_read", f"{settings['file_mib']} MiB file read", "mapped view vs open().read()", None),
+        ("file_mmap", f"{settings['file_mib']} MiB file read", "mapped view vs mmap.mmap", None),
+        ("malloc64", "64 B malloc+free", "crt.malloc/free vs HeapAlloc/HeapFree", None),
     ]
 
 
@@ -748,7 +817,7 @@ CONCURRENT_GOAL = 20_000  # small requests per second from 8 client processes at
 
 def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, baseline_live,
         share_n, pool_mib, pool_tasks, pool_batches, share_many_n, concurrent_procs,
-        concurrent_seconds, idle_clients, clip_n, clip_big_n, clip_mib):
+        concurrent_seconds, idle_clients, clip_n, clip_big_n, clip_mib, file_mib):
     """Yield (key, figures) for each row as it finishes."""
     daemon_sock = os.path.join(folder, "d.sock")
     bare_sock = os.path.join(folder, "bare.sock")
@@ -806,6 +875,8 @@ def run(folder, *, batches, echo_n, pipeline_n, alloc_n, heap_n, live_blocks, ba
                 yield from _pool_rows(client, pool, pool_mib * 2**20 // 8, pool_tasks, pool_batches).items()
         yield "share_many", _compare(_share_many_batch(client, share_many_n),
                                      _share_singles_batch(client, share_many_n), batches)
+        yield from _file_rows(folder, file_mib, batches).items()
+        yield "malloc64", _compare(_per_op(_malloc_pair, heap_n), _per_op(_heap_alloc_pair, heap_n), batches)
         yield "metadata", _metadata(client, live_blocks, baseline_live)
     finally:
         shmheap.close_default()
@@ -900,13 +971,15 @@ def main(argv=None):
                     "heap_n": 300, "live_blocks": 20_000, "baseline_live": 5_000,
                     "share_n": 50, "pool_mib": 8, "pool_tasks": 2, "pool_batches": 3,
                     "share_many_n": 10_000, "concurrent_procs": 8, "concurrent_seconds": 0.5,
-                    "idle_clients": 50, "clip_n": 20, "clip_big_n": 1, "clip_mib": 8}
+                    "idle_clients": 50, "clip_n": 20, "clip_big_n": 1, "clip_mib": 8,
+                    "file_mib": 16}
     else:
         settings = {"batches": 15, "echo_n": 2000, "pipeline_n": 1000, "alloc_n": 300,
                     "heap_n": 3000, "live_blocks": 1_000_000, "baseline_live": 100_000,
                     "share_n": 500, "pool_mib": 64, "pool_tasks": 2, "pool_batches": 11,
                     "share_many_n": 10_000, "concurrent_procs": 8, "concurrent_seconds": 3.0,
-                    "idle_clients": 500, "clip_n": 200, "clip_big_n": 2, "clip_mib": 64}
+                    "idle_clients": 500, "clip_n": 200, "clip_big_n": 2, "clip_mib": 64,
+                    "file_mib": 256}
     labels = {key: (operation, versus, goal) for key, operation, versus, goal in rows(settings)}
     results = {}
     # A short path of our own: Unix socket paths are limited to 108 bytes.

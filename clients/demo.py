@@ -11,12 +11,13 @@ import importlib.util
 import multiprocessing
 import os
 import signal
+import tempfile
 
 import shmheap
 from shmheap import win32
 from shmheap.segment import SOCKET_ENV
-from shmheap.win32 import (MEM_COMMIT, MEM_DECOMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READONLY,
-                           PAGE_READWRITE)
+from shmheap.win32 import (FILE_MAP_WRITE, GENERIC_READ, GENERIC_WRITE, MEM_COMMIT, MEM_DECOMMIT, MEM_MAPPED,
+                           MEM_RELEASE, MEM_RESERVE, OPEN_EXISTING, PAGE_READONLY, PAGE_READWRITE)
 
 from .cli import SOCKET_HELP
 
@@ -90,6 +91,19 @@ def _global_peer(handle, conn):
     mapping = w.OpenFileMapping(w.FILE_MAP_ALL_ACCESS, False, "demo-mapping")
     view = w.MapViewOfFile(mapping, w.FILE_MAP_READ, 0, 0, 0)
     conn.send((seen, w.read(view, 12)))
+    w.UnmapViewOfFile(view)
+    w.CloseHandle(mapping)
+
+
+def _file_peer(name, conn):
+    """Another process: map the named file mapping, read the parent's bytes, write its own."""
+    from shmheap import win32 as w
+
+    mapping = w.OpenFileMapping(w.FILE_MAP_WRITE, False, name)
+    view = w.MapViewOfFile(mapping, w.FILE_MAP_WRITE, 0, 0, 0)
+    seen = w.read(view, 20)
+    w.write(view + 4096, f"page 2 by pid {os.getpid()}".encode())
+    conn.send((view, seen, w.VirtualQuery(view).Type))
     w.UnmapViewOfFile(view)
     w.CloseHandle(mapping)
 
@@ -229,7 +243,60 @@ def main(argv=None):
     _expect(text == f"copied by pid {writer.pid}", "the pasted text")
     client.clipboard.clear()
 
-    _say("\n10. What the daemon holds now (shmheap map and shmheap stat show more)")
+    _say("\n10. A file's bytes shared by two processes through a named mapping, with no copy")
+    with tempfile.TemporaryDirectory(prefix="shmheap-demo-") as folder:
+        path = os.path.join(folder, "shared.dat")
+        with open(path, "wb") as f:
+            f.write(b"file bytes on disk..".ljust(64 * 1024, b"."))
+        hfile = win32.CreateFile(path, GENERIC_READ | GENERIC_WRITE, 0, None, OPEN_EXISTING, 0, None)
+        name = f"demo-file-{os.getpid()}"
+        mapping = win32.CreateFileMapping(hfile, None, PAGE_READWRITE, 0, 0, name)
+        win32.CloseHandle(hfile)  # the mapping keeps the file open
+        view = win32.MapViewOfFile(mapping, FILE_MAP_WRITE, 0, 0, 0)
+        parent_end, child_end = spawn.Pipe()
+        peer = spawn.Process(target=_file_peer, args=(name, child_end))
+        peer.start()
+        their_view, seen, their_type = _receive(parent_end, "the file peer")
+        peer.join()
+        wrote = win32.read(view + 4096, 64).rstrip(b"\0").rstrip(b".")
+        win32.FlushViewOfFile(view, 0)
+        _say(f"   {path}: mapped at {view:#x} here and at {their_view:#x} in child {peer.pid}"
+             f" (Type {their_type:#x}, MEM_MAPPED)")
+        _say(f"   the child read {seen!r} and wrote {wrote!r}, which the file now holds")
+        win32.UnmapViewOfFile(view)
+        win32.CloseHandle(mapping)
+        with open(path, "rb") as f:
+            in_file = f.read()[4096:4096 + len(wrote)]
+        _expect(their_view == view and seen == b"file bytes on disk.." and in_file == wrote
+                and their_type == MEM_MAPPED, "a file shared through a named mapping")
+
+    _say("\n11. The layers: malloc -> HeapAlloc -> VirtualAlloc, and COM's allocator on the process heap")
+    from shmheap import com, crt
+
+    crt_heap, process_heap = crt._get_heap_handle(), win32.GetProcessHeap()
+    heaps = []
+    win32.GetProcessHeaps(16, heaps)
+    small, large = crt.malloc(100), crt.malloc(2 * MiB)
+    for what, pointer in (("malloc(100)", small), ("malloc(2 MiB)", large)):
+        info = win32.VirtualQuery(pointer)
+        _say(f"   {what} = {pointer:#x}: HeapSize(crt heap) {win32.HeapSize(crt_heap, 0, pointer):,};"
+             f" VirtualQuery: region {info.AllocationBase:#x}, {info.RegionSize:,} bytes"
+             f" {_STATES.get(info.State, hex(info.State))}")
+    task = com.CoTaskMemAlloc(64)
+    refused = win32.HeapFree(process_heap, 0, small)
+    _say(f"   GetProcessHeaps: {', '.join(hex(h) for h in heaps)} (the process heap, then the CRT heap {crt_heap:#x})")
+    _say(f"   CoTaskMemAlloc(64) = {task:#x}: HeapSize(GetProcessHeap()) {win32.HeapSize(process_heap, 0, task)}")
+    _say(f"   HeapFree(GetProcessHeap(), malloc'd block) -> {refused}, GetLastError() = {win32.GetLastError()}:"
+         f" a block freed on the wrong heap is refused and stays intact")
+    _expect(win32.VirtualQuery(small).AllocationBase == crt_heap and crt_heap in heaps and process_heap in heaps
+            and win32.VirtualQuery(large).AllocationBase not in (crt_heap, process_heap)
+            and win32.HeapSize(process_heap, 0, task) == 64 and not refused and crt._msize(small) == 100,
+            "the layers above the heaps")
+    crt.free(small)
+    crt.free(large)
+    com.CoTaskMemFree(task)
+
+    _say("\n12. What the daemon holds now (shmheap map and shmheap stat show more)")
     from . import map as page_map
 
     page_map_now = client.page_map()

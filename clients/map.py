@@ -17,8 +17,9 @@ import shmheap
 
 from .cli import SOCKET_HELP, positive
 
-TYPES = {"private": "P", "heap": "H", "global": "G", "section": "S"}  # region kind -> letter
-COLOURS = {"P": (46, 134, 193), "H": (39, 174, 96), "G": (211, 84, 0), "S": (142, 68, 173)}
+# region kind -> letter; a file section's pages are the file's ("F"), never tmpfs's
+TYPES = {"private": "P", "heap": "H", "global": "G", "section": "S", "file": "F"}
+COLOURS = {"P": (46, 134, 193), "H": (39, 174, 96), "G": (211, 84, 0), "S": (142, 68, 173), "F": (192, 57, 43)}
 FREE = "."
 
 

@@ -22,7 +22,7 @@ import os
 import time
 
 from shmheap import segment
-from shmheap.errors import ShmheapError, WinError
+from shmheap.errors import ShmheapError, WinError, raise_for
 from shmheap.protocol import OPS, PROTOCOL_VERSION, SERVER_OPS
 
 from .clipboard import Clipboard
@@ -89,6 +89,7 @@ class Kernel:
                      "commit_limit": commit_limit, "process_commit_limit": process_commit_limit}
         self.ops = self._op_table()
         self.request = (None, 0)  # (session, msgid) of the request being answered: set by the server
+        self.reply_fd = None  # a descriptor the reply to it carries (SCM_RIGHTS)
         self.respond = None  # (session, msgid, error, result) -> None: the server's, for parked requests
 
     def _op_table(self):
@@ -130,6 +131,10 @@ class Kernel:
             "section_unmap": sections.unmap,
             "section_close": sections.close,
             "section_list": lambda pid: sections.list(),
+            "section_query": sections.query,
+            "file_mapping_create": lambda pid, protect, size, name: sections.create_file(
+                pid, self._passed_fd(), protect, size, name),
+            "file_mapping_file": lambda pid, handle: self._reply_with_fd(sections.file_of(pid, handle)),
             "clipboard_open": clip.open,
             "clipboard_close": clip.close,
             "clipboard_empty": clip.empty,
@@ -179,8 +184,26 @@ class Kernel:
     # ---- each process's mapping ----------------------------------------------------------
 
     def begin(self):
-        """A request starts: nothing touched yet."""
+        """A request starts: nothing touched yet, no descriptor to send."""
         self.pagetable.touched.clear()
+        self.reply_fd = None
+
+    def _passed_fd(self):
+        """The descriptor the caller sent with this request (SCM_RIGHTS), now ours to keep
+        or close."""
+        session = self.request[0]
+        if not session.fds:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "no file descriptor came with the request")
+        return session.fds.pop(0)
+
+    def _reply_with_fd(self, fd):
+        """The reply carries `fd` (the server attaches it); the daemon keeps its own."""
+        self.reply_fd = fd
+        return True
+
+    def take_reply_fd(self):
+        fd, self.reply_fd = self.reply_fd, None
+        return fd
 
     def access_changes(self, pid):
         """What the request just answered changed in what `pid` may touch (PageTable.touch),
@@ -276,7 +299,7 @@ class Kernel:
         table = self.pagetable
         return {"start": table.start, "end": table.end, "page_size": segment.PAGE_SIZE,
                 "regions": [[r.base, r.size, r.owner, r.kind,
-                             [[first, stop, value != 0] for first, stop, value in r.runs(0, r.pages)]]
+                             [[first, stop, value != 0 or r.kind == "file"] for first, stop, value in r.runs(0, r.pages)]]
                             for r in table.regions_in_order()]}
 
     def status(self, pid):

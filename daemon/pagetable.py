@@ -344,6 +344,10 @@ class PageTable:
             if region.shared and self.shared_access is not None:
                 for address, length, prot in self.shared_access(pid, cursor, stop):
                     add(address, address + length, prot)
+            elif region.kind == "file" and _visible(region, pid):
+                # A file section's pages are the file's, mapped over the region by each viewer
+                # (sections.py): never committed here, all of them as accessible as its views.
+                add(cursor, stop, _prot(region.alloc_protect, region.viewers[pid]))
             elif _visible(region, pid):
                 writable = region.viewers is None or region.owner == pid or region.viewers[pid]
                 first = (cursor - region.base) // PAGE_SIZE
@@ -528,12 +532,14 @@ class PageTable:
             i = bisect_right(self.bases, address)
             gap_end = self.bases[i] if i < len(self.bases) else self.end
             return (page, 0, 0, gap_end - page, MEM_FREE, PAGE_NOACCESS, 0)
-        kind = MEM_MAPPED if region.kind == "section" else MEM_PRIVATE
+        kind = MEM_MAPPED if region.kind in ("section", "file") else MEM_PRIVATE
         if not _visible(region, owner):
             # Another process's memory: visible as taken, never as accessible.
             return (page, region.base, PAGE_NOACCESS, region.end - page, MEM_RESERVE, 0, kind)
         index = (page - region.base) // PAGE_SIZE
         _, stop, value = next(region.runs(index, region.pages))
+        if region.kind == "file":  # the file's pages, committed as far as the view goes (FM-54)
+            stop, value = region.pages, region.alloc_protect
         state = MEM_RESERVE if value == RESERVED else MEM_COMMIT
         alloc_protect = region.alloc_protect
         if region.viewers is not None and region.owner != owner and not region.viewers[owner]:

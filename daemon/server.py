@@ -8,6 +8,7 @@ with ERROR_GEN_FAILURE. The server answers "hello" itself (it is about the conne
 hands every other op to the kernel (kernel.py) under the caller's pid, as SO_PEERCRED says.
 """
 
+import array
 import ctypes
 import errno
 import logging
@@ -33,6 +34,8 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a connection has to say hello
 # Each stops the daemon cleanly (socket and segment removed); SIGHUP is its terminal closing.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+MAX_FDS = 4  # descriptors a peer may send ahead of the requests that take them
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 _READ, _WRITE, _CLOSED = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
 
 
@@ -184,11 +187,13 @@ class Server:
             self._flush(session)
             return
         try:
-            received = session.sock.recv_into(self.buffer)
+            received, ancillary, _, _ = session.sock.recvmsg_into([self.buffer], _FD_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            received = 0
+            received, ancillary = 0, ()
+        if ancillary and not self._take_fds(session, ancillary):
+            return
         if not received:
             if session.outbuf:  # half-closed: the replies still queued go first (_flush closes)
                 session.closing = True
@@ -213,6 +218,13 @@ class Server:
                 return
             if reply is None:
                 continue  # parked: answered later (Kernel.respond)
+            if self.kernel.reply_fd is not None:  # this reply carries a descriptor (SCM_RIGHTS)
+                if out:
+                    self._flush(session)
+                if session not in self.live:
+                    return
+                self._send_with_fd(session, reply, self.kernel.take_reply_fd())
+                continue
             if len(frames) == 1 and not out:  # the common case: one request, nothing queued
                 try:
                     sent = session.sock.send(reply)
@@ -226,6 +238,41 @@ class Server:
                 reply = memoryview(reply)[sent:]
             out += reply
         if out:
+            self._flush(session)
+
+    def _take_fds(self, session, ancillary):
+        """Keep the descriptors a peer sent for the requests that take them; one that sends
+        more than MAX_FDS ahead of them is dropped. False if the session was closed."""
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                session.fds += array.array("i", data[:len(data) - len(data) % 4])
+        if len(session.fds) > MAX_FDS:
+            log.warning("pid %d sent descriptors no request took: dropped", session.pid)
+            self._close(session)
+            return False
+        return True
+
+    def _send_with_fd(self, session, reply, fd):
+        """Send `reply` with `fd` attached to its first byte. Only with nothing queued ahead
+        of it (the client asks for a descriptor alone, with no reply outstanding); else the
+        request fails, and the client may ask again."""
+        if session.outbuf:
+            msgid = self.kernel.request[1]
+            session.outbuf += encode_reply(msgid, WinError.ERROR_BUSY, "a descriptor goes only with no reply queued")
+            self._flush(session)
+            return
+        try:
+            sent = session.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        except (BlockingIOError, InterruptedError):
+            msgid = self.kernel.request[1]
+            session.outbuf += encode_reply(msgid, WinError.ERROR_BUSY, "the peer's socket is full")
+            sent = None
+        except OSError:
+            self._close(session)
+            return
+        if sent is not None and sent < len(reply):
+            session.outbuf += reply[sent:]  # the descriptor went with the first byte
+        if session.outbuf:
             self._flush(session)
 
     def _dispatch(self, session, frame):
@@ -319,6 +366,9 @@ class Server:
         self.epoll.unregister(fd)
         del self.handlers[fd]
         session.sock.close()
+        for passed in session.fds:
+            os.close(passed)
+        session.fds.clear()
         self.kernel.detach(session)
         log.debug("pid %d disconnected", session.pid)
 

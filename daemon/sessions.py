@@ -14,7 +14,7 @@ from shmheap.protocol import Decoder
 class Session:
     """One client connection: its socket, framing state and pending output."""
 
-    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process", "want_write", "closing")
+    __slots__ = ("sock", "pid", "uid", "decoder", "outbuf", "greeted", "process", "want_write", "closing", "fds")
 
     def __init__(self, sock, pid, uid):
         self.sock = sock
@@ -26,6 +26,7 @@ class Session:
         self.process = None
         self.want_write = False  # registered for EVENT_WRITE (replies waiting to be sent)
         self.closing = False  # the peer half-closed: send what is queued, then close
+        self.fds = []  # file descriptors the peer sent (SCM_RIGHTS), for the requests that take one
 
 
 class Process:

@@ -37,7 +37,7 @@ from .heap import PURGE_DELAY, SHORT_OF_COMMIT, Heap, heap_layout
 from .mapping import WRITE
 from .segment import PAGE_SIZE, round_down, round_up
 from .moveable import LOCAL, MoveableTable
-from . import private_heap
+from . import files, private_heap
 from .private_heap import DaemonPages, PrivateHeap
 from .shared_buffer import SharedBuffer
 
@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # for annotations only: numpy is optional, clipboard is impor
 PROCESS_HEAP_NAME = "process heap"
 PROCESS_HEAP_INITIAL = 64 * 1024  # commit of GetProcessHeap() at connect
 _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, _ = heap_layout(PROCESS_HEAP_INITIAL, 0)
+CRT_HEAP_NAME = "crt heap"  # malloc's: sized as HeapCreate(0, 0, 0) sizes a heap
+_CRT_HEAP_RESERVE, _CRT_HEAP_COMMIT, _ = heap_layout(0, 0)
 
 # Freed large blocks of a private heap (up to this many bytes) stay for the next one until the
 # purge: a loop over big buffers reuses pages already committed and mapped.
@@ -81,6 +83,9 @@ class Client:
         self.heaps = {}
         self.regions = {}  # base -> size of the regions this client reserved (VirtualAlloc)
         self.process_heap = None
+        self.crt_heap = None  # malloc's (shmheap.crt), made with the process heap
+        self.sections = {}  # section handle -> [base, size, protect, file-backed] (section_query)
+        self.views = {}  # view base -> [section handle, size]: this client's views
         self.local_objects = None
         self.session = 0  # counts the connections lost: a hold is good for the one it was made on
         self._waiting = []  # idle connections of this client's for requests that may wait
@@ -100,13 +105,15 @@ class Client:
         (its allocator state lives in this object); the first is named plainly, as
         GetProcessHeap's."""
         number = next(_process_heaps)
-        name = PROCESS_HEAP_NAME if number == 0 else f"{PROCESS_HEAP_NAME} #{number + 1}"
-        return [("heap_create", (name, 0, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0))]
+        suffix = "" if number == 0 else f" #{number + 1}"
+        return [("heap_create", (PROCESS_HEAP_NAME + suffix, 0, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0)),
+                ("heap_create", (CRT_HEAP_NAME + suffix, 0, _CRT_HEAP_RESERVE, _CRT_HEAP_COMMIT, 0))]
 
     def _on_open(self, info, results):
-        (handle,) = results
-        if isinstance(handle, ShmheapError):
-            raise_for(handle.winerror, f"no process heap: {handle.args[0]}")
+        handle, crt_handle = results
+        for made, what in ((handle, "process heap"), (crt_handle, "C runtime heap")):
+            if isinstance(made, ShmheapError):
+                raise_for(made.winerror, f"no {what}: {made.args[0]}")
         if self.mapping is None:
             try:
                 self.mapping = mapping.acquire(info["segment"], info["base"], info["size"],
@@ -123,6 +130,8 @@ class Client:
         self.heaps = {}
         self.regions = {}
         self.process_heap = self._adopt_heap(handle, _PROCESS_HEAP_RESERVE, _PROCESS_HEAP_COMMIT, 0, True)
+        # malloc's heap (shmheap.crt), as msvcrt.dll has one of its own (CRT-22)
+        self.crt_heap = self._adopt_heap(crt_handle, _CRT_HEAP_RESERVE, _CRT_HEAP_COMMIT, 0, True)
         self.local_objects = MoveableTable(self.process_heap, LOCAL)  # LocalAlloc's objects
 
     def _adopt_heap(self, handle, reserve, commit, flags, growable):
@@ -156,7 +165,10 @@ class Client:
             heap.abandon()  # so the purger thread leaves it alone too
         self.heaps = {}
         self.regions = {}
+        self.sections = {}
+        self.views = {}
         self.process_heap = None
+        self.crt_heap = None
         self.local_objects = None
 
     def ensure_connected(self) -> Client:
@@ -167,7 +179,9 @@ class Client:
 
     @property
     def requests_sent(self) -> int:
-        """Requests this client has sent the daemon (a loop that needs none shows none)."""
+        """Requests this client has sent the daemon (a loop that needs none shows none). The
+        reports of what its heaps hold (about once a second while they change, riding with
+        other requests: `shmheap stat`) are counted apart, in connection.reports_sent."""
         return self.connection.requests_sent
 
     @property
@@ -287,8 +301,8 @@ class Client:
 
     def heap_destroy(self, heap: Heap) -> None:
         """Release every page of `heap` (not the process heap), whatever is still allocated."""
-        if heap is self.process_heap:
-            raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap cannot be destroyed")
+        if heap is self.process_heap or heap is self.crt_heap:
+            raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap and the CRT heap cannot be destroyed")
         if self.heaps.get(heap.base) is not heap:
             raise_for(WinError.ERROR_INVALID_HANDLE, "not a live heap of this process")
         self.connection.call("heap_destroy", heap.base)
@@ -374,21 +388,91 @@ class Client:
         handle, existed = self.connection.call("section_create", protect, size, name)
         return handle, existed
 
+    def file_mapping_create(self, fd: int, protect: int, size: int = 0, name: str | None = None) -> tuple[int, bool]:
+        """A section over the open file `fd` (size 0: the file's size; PAGE_READWRITE extends
+        a smaller file), or a handle to the existing section of that name: (handle, existed).
+        The daemon keeps its own copy of the descriptor while the section lives."""
+        (handle, existed, _), _ = self.connection.call_passing_fd("file_mapping_create", protect, size, name,
+                                                                  send_fd=fd)
+        return handle, existed
+
     def section_open(self, access: int, name: str) -> int:
         """A new handle to the section named `name` (ERROR_FILE_NOT_FOUND if there is none)."""
         return self.connection.call("section_open", access, name)
 
+    def _section(self, handle: int) -> list[Any]:
+        """[base, size, protect, file-backed] of a section this process holds, asked once
+        (handles are never reused while the daemon runs)."""
+        info = self.sections.get(handle)
+        if info is None:
+            info = self.sections[handle] = self.connection.call("section_query", handle)
+        return info
+
     def section_map(self, handle: int, access: int, offset: int = 0, size: int = 0) -> int:
-        """The address of a view (size 0: to the end of the section)."""
-        return self.connection.call("section_map", handle, access, offset, size)
+        """The address of a view (size 0: to the end of the section). A file section's view
+        is the file itself, mapped over the section's region before the daemon opens it to
+        this process (mapping.Mapping.map_file)."""
+        base, section_size, _, file_backed = self._section(handle)
+        mapped_now = False
+        if file_backed and base not in self.mapping.file_views:
+            _, fd = self.connection.call_passing_fd("file_mapping_file", handle)
+            try:
+                mapped_now = self.mapping.map_file(base, round_up(section_size, segment.PAGE_SIZE), fd)
+            except OSError as exc:
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, f"cannot map the file: {exc}")
+            finally:
+                os.close(fd)
+        try:
+            address = self.connection.call("section_map", handle, access, offset, size)
+        except ShmheapError:
+            if mapped_now:
+                self.mapping.unmap_file(base)
+            raise
+        self.views[address] = [handle, size or section_size - offset]
+        return address
 
     def section_unmap(self, address: int) -> bool:
-        """Unmap this process's view at `address`; True."""
-        return self.connection.call("section_unmap", address)
+        """Unmap this process's view holding `address` (its base or any byte inside); True."""
+        base, still = self.connection.call("section_unmap", address)
+        self.views.pop(base, None)
+        if not still:
+            region = self.mapping.file_view_at(base)
+            if region is not None:
+                self.mapping.unmap_file(region[0])
+        return True
+
+    def section_flush(self, address: int, size: int = 0) -> None:
+        """FlushViewOfFile: start writing the view's dirty pages in [address, address+size)
+        (size 0: to the end of the view) to its file; a pagefile-backed view has none.
+        ERROR_INVALID_ADDRESS if no view of this process holds `address`."""
+        for base, (_, length) in self.views.items():
+            if base <= address < base + length:
+                break
+        else:
+            raise_for(WinError.ERROR_INVALID_ADDRESS, f"no view of this process at {address:#x}")
+        end = base + length if size == 0 else min(address + size, base + length)
+        start = address - address % segment.PAGE_SIZE
+        if self.mapping.file_view_at(base) is not None:
+            try:
+                segment.flush(start, round_up(end, segment.PAGE_SIZE) - start)
+            except OSError as exc:
+                raise_for(WinError.ERROR_INVALID_ADDRESS, str(exc))
 
     def section_close(self, handle: int) -> bool:
         """Close a section handle (the section goes with its last handle and view); True."""
-        return self.connection.call("section_close", handle)
+        result = self.connection.call("section_close", handle)
+        if not any(view_handle == handle for view_handle, _ in self.views.values()):
+            self.sections.pop(handle, None)
+        return result
+
+    def map_file(self, path: str | os.PathLike[str] | None, mode: str = "r", name: str | None = None,
+                 size: int = 0) -> Any:
+        """A file's bytes mapped with no copy, as a FileView (shmheap/files.py): a buffer
+        (memoryview(), numpy.frombuffer()) at one address that names the same bytes in every
+        process mapping it. `mode` "r", "r+" or "w+" (a new file of `size` bytes); `name`
+        lets other processes map it with map_file(None, mode, name). Close it (or use it as a
+        context manager) to unmap it."""
+        return files.map_file(self, path, mode, name, size)
 
     def section_list(self) -> list[dict[str, Any]]:
         """Every section: handle, name, address, size, protection, holders and views."""

@@ -30,6 +30,7 @@ never by starting a daemon: a client whose daemon died gets errors, not a silent
 (the generation in the hello tells a restarted daemon from the one we knew).
 """
 
+import array
 import contextlib
 import itertools
 import os
@@ -43,7 +44,7 @@ import weakref
 
 from . import segment
 from .errors import ProtocolError, ShmheapError, WinError, error_for, raise_for
-from .protocol import MAX_REPLY, Decoder, encode_request, hello_request, parse_reply
+from .protocol import MAX_REPLY, REPORT_OPS, Decoder, encode_request, hello_request, parse_reply
 
 # A deferred request waits at most about this long for a call to carry it. Not much less: a
 # pool that hands a worker the same buffer again within it pays no page-table walk in the
@@ -55,6 +56,7 @@ AUTOSTART_IDLE_EXIT = 60.0  # seconds an autostarted daemon lingers with no clie
 LOG_MAX = 1 << 20  # bytes of log an autostarted daemon appends to before it is rotated
 CONNECT_TIMEOUT = 10.0
 RECV_SIZE = 64 * 1024
+_FD_SPACE = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors beside a reply
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TRUSTED_UIDS = (0,)  # besides our own: root's daemon, which lets users in with --allow-uid
@@ -103,6 +105,7 @@ class Connection:
         self._apply_access = on_access or (lambda changes: None)
         self.info = None  # the daemon's hello reply
         self.requests_sent = 0  # every request this connection has sent, the handshake's too
+        self.reports_sent = 0  # reports of what a heap holds, counted apart (REPORT_OPS)
         self.posted = []  # msgids of posted requests whose replies are still to be read
         self.late_error = None  # a posted request's error, for the user's next call
         self._key = os.path.abspath(path)
@@ -206,10 +209,16 @@ class Connection:
             traffic[0] += len(payload)
         except OSError as exc:
             raise self._lost(exc) from exc
-        self.requests_sent += len(ids)
+        self._count(requests)
         self.posted += ids
         _unsettled[self._key].add(self)
         return ids[-1]
+
+    def _count(self, requests):
+        """Count what goes out: requests, and apart the reports (REPORT_OPS) that ride along."""
+        reports = sum(1 for op, _ in requests if op in REPORT_OPS)
+        self.reports_sent += reports
+        self.requests_sent += len(requests) - reports
 
     def _collect_posted(self):
         """Under the lock: read the posted requests' replies now."""
@@ -266,6 +275,52 @@ class Connection:
                 return self._roundtrip([(op, args)], False)[0]
             msgid = next(self._ids)
             return self._exchange_one(encode_request(msgid, op, args), msgid)
+
+    def call_passing_fd(self, op, *args, send_fd=None):
+        """One request that passes a file descriptor beside its frame (SCM_RIGHTS): `send_fd`
+        goes with it, and a descriptor the reply brings is returned with the result, as
+        (result, fd or None); the caller owns that fd. It goes alone, once every earlier
+        reply is in, so no other frame shares its bytes."""
+        with self._lock:
+            self._begin()
+            if self.deferred or self.posted:
+                self._roundtrip([], False)  # settle what is outstanding first
+            msgid = next(self._ids)
+            payload = encode_request(msgid, op, args)
+            self.requests_sent += 1
+            ancillary = [] if send_fd is None else [
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [send_fd]))]
+            received_fds = []
+            try:
+                sent = self.sock.sendmsg([payload], ancillary)
+                if sent < len(payload):
+                    self.sock.sendall(payload[sent:])
+                frames = []
+                while not frames:
+                    received, ancillary_in, _, _ = self.sock.recvmsg_into([self._buffer], _FD_SPACE)
+                    for level, kind, data in ancillary_in:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            received_fds += array.array("i", data[:len(data) - len(data) % 4])
+                    if not received:
+                        raise ProtocolError(WinError.ERROR_GEN_FAILURE, "the daemon closed the connection")
+                    frames = self._decoder.feed(self._buffer_view[:received])
+                reply_id, error, result, changes = parse_reply(frames[0])
+                if len(frames) != 1 or reply_id != msgid:
+                    raise ProtocolError(WinError.ERROR_INVALID_PARAMETER, f"reply {reply_id} to request {msgid}")
+            except ShmheapError:
+                _close_all(received_fds)
+                self.drop()
+                raise
+            except OSError as exc:
+                _close_all(received_fds)
+                raise self._lost(exc) from exc
+            if changes:
+                self._apply_access(changes)
+            if error:
+                _close_all(received_fds)
+                raise error_for(error, result if isinstance(result, str) else None)
+            _close_all(received_fds[1:])  # one was asked for
+            return result, (received_fds[0] if received_fds else None)
 
     def call_waiting(self, op, *args, timeout=None):
         """A request the daemon may answer only when something happens (a clipboard wait),
@@ -357,7 +412,7 @@ class Connection:
         requests = deferred + list(requests)
         ids = [next(self._ids) for _ in requests]
         payload = b"".join([encode_request(i, op, args) for i, (op, args) in zip(ids, requests)])
-        self.requests_sent += len(ids)
+        self._count(requests)
         self.posted += ids[:len(deferred)]
         return self._exchange(payload, ids[len(deferred):], return_exceptions)
 
@@ -483,6 +538,11 @@ def _open_socket(path, autostart, timeout):
         if time.monotonic() > deadline:
             raise ProtocolError(WinError.ERROR_TIMEOUT, f"shmheapd did not come up on {path}; see {_log_path(path)}")
         time.sleep(0.01)
+
+
+def _close_all(fds):
+    for fd in fds:
+        os.close(fd)
 
 
 def _daemon_uid(sock, path):

@@ -600,8 +600,8 @@ class Heap:
         block starting at `address`; raises ERROR_INVALID_PARAMETER otherwise (HF-02, HF-03)."""
         slab = self.slabs.get(address >> PAGE_SHIFT)
         if slab is not None:
-            slot, offset = divmod(address - slab.base, slab.block)
-            if offset == 0 and slab.sizes[slot] != SLOT_FREE:
+            slot, offset = divmod(address - slab.base, slab.block)  # slot may be past the last (the unused tail)
+            if offset == 0 and slot < len(slab.sizes) and slab.sizes[slot] != SLOT_FREE:
                 return "small", slab, slot
         elif address in self.medium:
             return "medium", None, None
@@ -626,9 +626,9 @@ class Heap:
         ShmheapValueError (ERROR_INVALID_PARAMETER) for no live block of this heap."""
         slab = self.slabs.get(address >> PAGE_SHIFT)
         if slab is not None:  # the hot path: a push onto the slab's free stack
-            slot, offset = divmod(address - slab.base, slab.block)
+            slot, offset = divmod(address - slab.base, slab.block)  # slot may be past the last (the unused tail)
             sizes = slab.sizes
-            if offset or sizes[slot] == SLOT_FREE:
+            if offset or slot >= len(sizes) or sizes[slot] == SLOT_FREE:
                 raise_for(WinError.ERROR_INVALID_PARAMETER, f"{address:#x} is not a live block of this heap")
             if self.checking:
                 self._fill(address, slab.block, FREE_FILL)

@@ -16,6 +16,14 @@ The mapping also remembers what it allows, as page runs (segment.Runs), so a che
 (`Client.view`) answers without a round trip; only a view of memory this process was never
 told about asks the daemon, once.
 
+File views are the one exception to "the segment is mapped everywhere": a view of a
+file-backed section is the file itself, mapped over the section's region (reserved in the
+segment, never committed there), the same address in every process that maps it. The mapping
+keeps them (`file_views`), the one place that tells file pages from segment pages: it maps
+the file over the region before the daemon's grant opens it (`map_file`), and the segment
+back when the process's last view of it goes (`unmap_file`), so the address space is the
+segment's again and tmpfs never holds a byte of a file.
+
 One Mapping per segment per process, whatever number of clients use it (`acquire` /
 `release` count them). In a forked child every page is closed again: the child is another
 process, which holds nothing until its own connection says so.
@@ -34,7 +42,7 @@ _mappings = {}  # (segment name, base) -> Mapping
 
 
 class Mapping(Runs):
-    __slots__ = ("name", "base", "size", "users", "last_run")
+    __slots__ = ("name", "base", "size", "users", "last_run", "file_views")
 
     def __init__(self, name, base, size, owner=None):
         super().__init__(size >> PAGE_SHIFT, NONE)
@@ -46,6 +54,33 @@ class Mapping(Runs):
         # The last run `allows` found, (start address, end address, prot): a view inside it is
         # checked with two compares (Client.view reads it directly).
         self.last_run = (0, 0, NONE)
+        self.file_views = {}  # region base -> length: file sections mapped over the segment here
+
+    def map_file(self, address, length, fd):
+        """Map the file `fd` over [address, address+length) (a file section's region, not
+        yet open to this process), unless it is mapped there already; no access until the
+        daemon's grant. True if it mapped it now."""
+        if address in self.file_views:
+            return False
+        segment.map_file_over(address, length, fd, 0)
+        self.file_views[address] = length
+        self.set_pages((address - self.base) >> PAGE_SHIFT, (address - self.base + length) >> PAGE_SHIFT, NONE)
+        self.last_run = (0, 0, NONE)
+        return True
+
+    def unmap_file(self, address):
+        """The process's last view of the file section at `address` is gone (its pages closed
+        already): the segment goes back over the region."""
+        length = self.file_views.pop(address, None)
+        if length is not None:
+            segment.map_segment_over(self.name, self.base, address, length)
+
+    def file_view_at(self, address):
+        """(region base, length) of the file view holding `address`, or None."""
+        for start, length in self.file_views.items():
+            if start <= address < start + length:
+                return start, length
+        return None
 
     def apply(self, changes):
         """Make the daemon's access changes true: [[address, length, prot], ...], in order.
@@ -89,8 +124,11 @@ class Mapping(Runs):
         self.last_run = (0, 0, NONE)
 
     def close_all(self):
-        """No access to anything (a forked child starts so)."""
+        """No access to anything (a forked child starts so); file views give way to the
+        segment."""
         segment.protect(self.base, self.size, NONE)
+        for address in list(self.file_views):
+            self.unmap_file(address)
         self.starts, self.values = [0], [NONE]
         self.last_run = (0, 0, NONE)
 

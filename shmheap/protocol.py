@@ -41,6 +41,9 @@ PROTOCOL_VERSION = 1
 HELLO = "hello"  # the handshake op: the first request of every connection
 SHUTDOWN = "shutdown"  # the daemon stops cleanly once it has answered (its own uid only)
 SERVER_OPS = {HELLO, SHUTDOWN}  # answered by the server itself, not the kernel
+# What a process tells the daemon about itself, about once a second, riding with other
+# requests (heap usage for `shmheap stat`): counted apart from the requests work makes.
+REPORT_OPS = {"heap_report"}
 
 # Unpacker bounds: no frame, string or container from a peer may exceed these.
 MAX_FRAME = 1 << 20
@@ -126,9 +129,14 @@ OPS = {
     "section_create": (_u32, _u64, _opt_str),  # protect, size, name -> [handle, existed]
     "section_open": (_u32, _str),  # access, name -> handle
     "section_map": (_u64, _u32, _u64, _u64),  # handle, access, offset, size -> address
-    "section_unmap": (_u64,),
+    "section_unmap": (_u64,),  # an address in a view -> [view base, whether one of the section's remains]
     "section_close": (_u64,),
     "section_list": (),
+    "section_query": (_u64,),  # handle -> [base, size, protect, file-backed]
+    # File-backed sections (daemon/sections.py): the file's descriptor travels beside the frame
+    # (SCM_RIGHTS), to the daemon with the create, back with the reply to "file_mapping_file".
+    "file_mapping_create": (_u32, _u64, _opt_str),  # protect, size, name -> [handle, existed, size]
+    "file_mapping_file": (_u64,),  # handle -> True, and the file's descriptor
     # The clipboard (daemon/clipboard.py). "clipboard_get", "clipboard_wait" and
     # "clipboard_listen" may be answered later (a render, a change): clients send them on a
     # connection of their own.

@@ -279,6 +279,9 @@ _memory_at = ctypes.pythonapi.PyMemoryView_FromMemory
 _memory_at.restype = ctypes.py_object
 _memory_at.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
 _MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17: fail with EEXIST rather than replace a mapping
+_MAP_FIXED = 0x10  # replace what is mapped there: a file view over the segment's own pages
+_MS_ASYNC = 1
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = 2**64 - 1
 _PYBUF_WRITE = 0x200
 
@@ -300,6 +303,34 @@ def map_at(name, base, size, prot, fd=None, owner=None):
     if got != base:  # a kernel older than 4.17 takes the flag as a hint
         _libc.munmap(got, size)
         raise OSError(errno.EEXIST, f"cannot map the segment at {base:#x} (the kernel chose {got:#x})")
+
+
+def map_file_over(address, length, fd, offset):
+    """Map `length` bytes of the file `fd` from `offset` shared at exactly `address`, over the
+    segment's pages there, with no access yet (the daemon's grant opens them): a view of a
+    file section. Raises OSError."""
+    got = _libc.mmap(address, length, 0, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
+    if got in (None, _MAP_FAILED):
+        _raise_errno(f"cannot map the file at {address:#x}")
+
+
+def map_segment_over(name, base, address, length):
+    """Put the segment `name` (mapped at `base`) back at [address, address+length), no access:
+    the last view of a file section there is gone, and the address space is the segment's
+    again. Raises OSError."""
+    shm = posix_ipc.SharedMemory(name)
+    try:
+        got = _libc.mmap(address, length, 0, mmap.MAP_SHARED | _MAP_FIXED, shm.fd, address - base)
+    finally:
+        shm.close_fd()
+    if got in (None, _MAP_FAILED):
+        _raise_errno(f"cannot map the segment back at {address:#x}")
+
+
+def flush(address, length):
+    """msync(MS_ASYNC): start writing the dirty pages of a file view to the file."""
+    if _libc.msync(address, length, _MS_ASYNC):
+        _raise_errno(f"cannot flush {address:#x}+{length:#x}")
 
 
 def unmap(base, size):

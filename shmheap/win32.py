@@ -35,11 +35,12 @@ from typing import NoReturn
 from . import client as client_module
 from . import constants as _constants
 from .client import default_client
-from .constants import (GMEM_INVALID_HANDLE, GMEM_MOVEABLE, HEAP_GENERATE_EXCEPTIONS, HEAP_NO_SERIALIZE,
-                        HEAP_REALLOC_IN_PLACE_ONLY, HEAP_ZERO_MEMORY, INVALID_HANDLE_VALUE, LMEM_INVALID_HANDLE,
-                        MEM_FREE, MEMORY_BASIC_INFORMATION, PROCESS_HEAP_ENTRY_BUSY, PROCESS_HEAP_REGION,
-                        PROCESS_HEAP_UNCOMMITTED_RANGE)
+from .constants import (CREATE_ALWAYS, GMEM_INVALID_HANDLE, GMEM_MOVEABLE, HEAP_GENERATE_EXCEPTIONS,
+                        HEAP_NO_SERIALIZE, HEAP_REALLOC_IN_PLACE_ONLY, HEAP_ZERO_MEMORY, INVALID_FILE_SIZE,
+                        INVALID_HANDLE_VALUE, LMEM_INVALID_HANDLE, MEM_FREE, MEMORY_BASIC_INFORMATION, OPEN_ALWAYS,
+                        PROCESS_HEAP_ENTRY_BUSY, PROCESS_HEAP_REGION, PROCESS_HEAP_UNCOMMITTED_RANGE)
 from .errors import ProtocolError, ShmheapError, WinError, raise_for
+from .files import files
 from .mapping import WRITE
 from .moveable import MoveableTable
 
@@ -710,15 +711,59 @@ def GlobalCompact(dwMinFree: int) -> int:
 
 # ---- named file mappings (sections) -------------------------------------------------------
 
+def CreateFile(lpFileName: str, dwDesiredAccess: int, dwShareMode: int, lpSecurityAttributes: object,
+               dwCreationDisposition: int, dwFlagsAndAttributes: int, hTemplateFile: int | None) -> int:
+    """Open or create a file (a handle of this process's); INVALID_HANDLE_VALUE on failure:
+    ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, ERROR_FILE_EXISTS (CREATE_NEW), ERROR_ACCESS_DENIED,
+    ERROR_SHARING_VIOLATION, ERROR_INVALID_PARAMETER (FM-01..FM-13). CREATE_ALWAYS and
+    OPEN_ALWAYS set ERROR_ALREADY_EXISTS when the file was there, else ERROR_SUCCESS.
+    lpSecurityAttributes, dwFlagsAndAttributes and hTemplateFile are accepted and ignored."""
+    try:
+        handle, existed = files.create(os.fsdecode(lpFileName), _dword(dwDesiredAccess), _dword(dwShareMode),
+                                       _dword(dwCreationDisposition))
+    except ShmheapError as exc:
+        return _failed(exc, INVALID_HANDLE_VALUE)
+    if _dword(dwCreationDisposition) in (CREATE_ALWAYS, OPEN_ALWAYS):
+        _state.last_error = WinError.ERROR_ALREADY_EXISTS if existed else WinError.ERROR_SUCCESS
+    return handle
+
+
+CreateFileW = CreateFileA = CreateFile
+
+
+def GetFileSize(hFile: int) -> tuple[int, int]:
+    """(low DWORD, high DWORD) of the file's size; the high one is C's lpFileSizeHigh
+    out-parameter. On failure (INVALID_FILE_SIZE, 0) with ERROR_INVALID_HANDLE."""
+    size = _attempt(None, files.size, _ptr(hFile))
+    if size is None:
+        return INVALID_FILE_SIZE, 0
+    if size & _MASK32 == INVALID_FILE_SIZE:
+        _state.last_error = WinError.ERROR_SUCCESS  # tells the size from a failure, as Windows does
+    return size & _MASK32, size >> 32
+
+
+def GetFileSizeEx(hFile: int) -> int | None:
+    """The file's size in bytes (C's LARGE_INTEGER out-parameter), or None with
+    ERROR_INVALID_HANDLE."""
+    return _attempt(None, files.size, _ptr(hFile))
+
+
 def CreateFileMapping(hFile: int, lpFileMappingAttributes: object, flProtect: int, dwMaximumSizeHigh: int,
                       dwMaximumSizeLow: int, lpName: str | None) -> int:
-    """A pagefile-backed section (hFile must be INVALID_HANDLE_VALUE); its handle, or NULL on
-    failure. Opening an existing name returns a handle to it and sets ERROR_ALREADY_EXISTS."""
+    """A section: over the file hFile (FM-24..FM-36), or pagefile-backed for
+    INVALID_HANDLE_VALUE; its handle, or NULL on failure. Size 0 is the file's size
+    (ERROR_FILE_INVALID for an empty file); PAGE_READWRITE extends a smaller file, a read-only
+    section may not be larger (ERROR_NOT_ENOUGH_MEMORY); a protection the file's access does
+    not allow is ERROR_ACCESS_DENIED. Opening an existing name returns a handle to it and sets
+    ERROR_ALREADY_EXISTS."""
     size = (_dword(dwMaximumSizeHigh) << 32) | _dword(dwMaximumSizeLow)
     try:
-        if _ptr(hFile) != INVALID_HANDLE_VALUE:  # sections of real files: not here
-            raise_for(WinError.ERROR_INVALID_HANDLE, "only pagefile-backed sections")
-        handle, existed = default_client().section_create(_dword(flProtect), size, lpName or None)
+        if _ptr(hFile) == INVALID_HANDLE_VALUE:
+            handle, existed = default_client().section_create(_dword(flProtect), size, lpName or None)
+        else:
+            opened = files.get(_ptr(hFile))
+            handle, existed = default_client().file_mapping_create(opened.fd, _dword(flProtect), size,
+                                                                   lpName or None)
     except ShmheapError as exc:
         return _failed(exc, 0)
     _state.last_error = WinError.ERROR_ALREADY_EXISTS if existed else WinError.ERROR_SUCCESS
@@ -729,8 +774,9 @@ CreateFileMappingW = CreateFileMappingA = CreateFileMapping
 
 
 def OpenFileMapping(dwDesiredAccess: int, bInheritHandle: bool, lpName: str) -> int:
-    """A new handle to the named section; NULL on failure (ERROR_FILE_NOT_FOUND for no section
-    of that name). bInheritHandle is ignored."""
+    """A new handle to the named section, whose views may ask no more than dwDesiredAccess
+    (FM-42, FM-43); NULL on failure (ERROR_FILE_NOT_FOUND for no section of that name, also
+    once its last handle closed: FM-45). bInheritHandle is ignored."""
     return _attempt(0, default_client().section_open, _dword(dwDesiredAccess), str(lpName))
 
 
@@ -739,23 +785,38 @@ OpenFileMappingW = OpenFileMappingA = OpenFileMapping
 
 def MapViewOfFile(hFileMappingObject: int, dwDesiredAccess: int, dwFileOffsetHigh: int, dwFileOffsetLow: int,
                   dwNumberOfBytesToMap: int) -> int:
-    """The address of the view: the section's own bytes, the same address in every process;
-    NULL on failure. FILE_MAP_READ alone makes this process's views read-only."""
+    """The address of the view: the section's own bytes (a file section's: the file's), the
+    same address in every process; NULL on failure: ERROR_MAPPED_ALIGNMENT for an offset not a
+    multiple of 64 KiB, ERROR_ACCESS_DENIED past the end or beyond the handle's access.
+    FILE_MAP_READ alone makes this process's views read-only."""
     offset = (_dword(dwFileOffsetHigh) << 32) | _dword(dwFileOffsetLow)
     return _attempt(0, default_client().section_map, _ptr(hFileMappingObject),
                     _dword(dwDesiredAccess), offset, _size(dwNumberOfBytesToMap))
 
 
 def UnmapViewOfFile(lpBaseAddress: int) -> bool:
-    """Unmap a view of this process's; TRUE, or FALSE with ERROR_INVALID_ADDRESS if no view
-    starts there."""
+    """Unmap the view of this process's that holds lpBaseAddress (its base or any byte in it,
+    FM-59); TRUE, or FALSE with ERROR_INVALID_ADDRESS if no view holds it."""
     return _attempt(False, default_client().section_unmap, _ptr(lpBaseAddress))
 
 
+def FlushViewOfFile(lpBaseAddress: int, dwNumberOfBytesToFlush: int) -> bool:
+    """Start writing a view's dirty pages to its file (0 bytes: to the end of the view);
+    TRUE, or FALSE with ERROR_INVALID_ADDRESS if no view of this process holds the address."""
+    return _attempt(False, _true, default_client().section_flush, _ptr(lpBaseAddress),
+                    _size(dwNumberOfBytesToFlush))
+
+
 def CloseHandle(hObject: int) -> bool:
-    """Close a section handle (the section goes with its last handle and view); TRUE, or FALSE
-    with ERROR_INVALID_HANDLE."""
-    return _attempt(False, default_client().section_close, _ptr(hObject))
+    """Close a file handle (its sections keep the file open, FM-69) or a section handle (the
+    section goes with its last handle and view); TRUE, or FALSE with ERROR_INVALID_HANDLE.
+    INVALID_HANDLE_VALUE is the current process's pseudo-handle: TRUE (FM-22)."""
+    handle = _ptr(hObject)
+    if handle == INVALID_HANDLE_VALUE:
+        return True
+    if files.is_file_handle(handle):
+        return _attempt(False, _true, files.close, handle)
+    return _attempt(False, default_client().section_close, handle)
 
 
 # ---- the clipboard (docs/clipboard_semantics.md, rows CB-*) ---------------------------------

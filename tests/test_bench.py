@@ -10,7 +10,7 @@ HEAP_ROWS = [f"heap_{form}_{size}" for size in (16, 64, 1024, 4096, 65536, 26214
              for form in ("create", "process", "block", "sized")]
 ROW_KEYS = ["echo", "pipeline", "idle500", "alloc64k", "write4", "view4", *HEAP_ROWS,
             "share4k", "clip1k_pipe", "clip1k_shm", "clip64m_pipe", "clip64m_shm", "pool_oneshot_pickle", "pool_oneshot_shm", "pool_steady_pickle",
-            "pool_steady_shm", "share_many", "concurrent", "metadata"]
+            "pool_steady_shm", "share_many", "file_read", "file_mmap", "malloc64", "concurrent", "metadata"]
 
 
 def test_bench_quick_writes_positive_figures(tmp_path):

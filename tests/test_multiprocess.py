@@ -19,7 +19,8 @@ from shmheap.errors import ShmheapMemoryError, WinError
 from conftest import in_forked_child, receive, touch_in_child, wait_until
 
 MiB = 2**20
-HEAP = client_module.PROCESS_HEAP_INITIAL  # every client commits its process heap at connect
+# every client commits its process heap and its C runtime heap at connect
+HEAP = client_module._PROCESS_HEAP_COMMIT + client_module._CRT_HEAP_COMMIT
 spawn = multiprocessing.get_context("spawn")
 
 
@@ -77,16 +78,17 @@ def test_sigkilled_client_is_reclaimed_and_pages_punched_out(daemon, client):
     child = spawn.Process(target=_hog, args=(daemon.socket, 32 * MiB, child_end))
     child.start()
     address = receive(parent_end)
-    assert daemon.resident_bytes() - baseline == 32 * MiB + HEAP  # its pages and its process heap
+    assert daemon.resident_bytes() - baseline == 32 * MiB + HEAP  # its pages and the heaps made at connect
     assert any(r[0] == address and r[2] == child.pid for r in private_regions(client))
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
     wait_until(lambda: daemon.resident_bytes() == baseline, what="the dead client's pages to go")
     status = client.status()
-    # Only our process heap and the system's global heap are left.
-    assert sorted((r[2], r[3]) for r in status["regions"]) == [(0, "global"), (client.pid, "heap")]
+    # Only our process and CRT heaps and the system's global heap are left.
+    assert sorted((r[2], r[3]) for r in status["regions"]) == [(0, "global"), (client.pid, "heap"),
+                                                               (client.pid, "heap")]
     assert child.pid not in [p["pid"] for p in status["processes"]]
-    assert f"pid {child.pid} gone: released 0 global objects, 0 section holds, 1 heaps, 1 regions" \
+    assert f"pid {child.pid} gone: released 0 global objects, 0 section holds, 2 heaps, 1 regions" \
         in daemon.log_text()
     assert client.virtual_query(address).State == 0x10000  # MEM_FREE
     client.check()
@@ -113,8 +115,9 @@ def _commit(socket_path, size, conn):
 
 
 def test_commit_limits_across_processes(make_daemon):
-    # Room for 768 KiB and a process heap per process; the two processes together get less.
-    daemon = make_daemon("--commit-limit", "1152K", "--process-commit-limit", "832K")
+    # Room for 768 KiB and the heaps made at connect (72 KiB) per process; the two processes
+    # together get less.
+    daemon = make_daemon("--commit-limit", "1168K", "--process-commit-limit", "840K")
     with shmheap.connect(daemon.socket, autostart=False) as c:
         with pytest.raises(ShmheapMemoryError) as info:
             alloc(c, 1 * MiB)  # over this process's limit

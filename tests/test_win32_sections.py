@@ -69,13 +69,24 @@ def map_view(w, h, access=FILE_MAP_ALL_ACCESS, offset=0, size=0):
 
 
 def gone(w, name):
-    """True if no section has this name any more (OpenFileMapping: ERROR_FILE_NOT_FOUND)."""
+    """True if no section made under this name lives any more (the daemon's list: the name
+    itself goes earlier, with the last handle, FM-45)."""
+    return not any(row["name"] == name for row in _client().section_list())
+
+
+def name_gone(w, name):
+    """True if OpenFileMapping of the name fails with ERROR_FILE_NOT_FOUND."""
     h, error = call(w, w.OpenFileMapping, FILE_MAP_READ, False, name)
     if h:
         w.CloseHandle(h)  # do not keep it alive by looking
         return False
     assert error == ERROR_FILE_NOT_FOUND, f"OpenFileMapping({name!r}) failed with {error}"
     return True
+
+
+def _client():
+    from shmheap import client as client_module
+    return client_module.default_client()
 
 
 def connected_baseline(w, daemon):
@@ -289,6 +300,7 @@ def test_section_lives_until_last_handle_and_view_go(win32, daemon, order):
     if order == "close then unmap":
         expect(win32, win32.CloseHandle, h, result=True)
         assert not gone(win32, name)  # the views hold it
+        assert name_gone(win32, name)  # but its name went with the last handle (FM-45)
         expect(win32, win32.UnmapViewOfFile, view, result=True)
         assert win32.read(view, 64) == pattern(64)  # one view left
         assert not gone(win32, name)
@@ -330,15 +342,71 @@ def test_section_survives_while_another_process_holds_it(win32, peers, daemon):
     peer.expect("CloseHandle", theirs, result=True)
     assert not gone(win32, name)
     assert peer.ok("read", their_view, 10) == b"kept alive"
-    ours = open_mapping(win32, name)
-    assert win32.read(map_view(win32, ours), 10) == b"kept alive"
-    expect(win32, win32.UnmapViewOfFile, view, result=True)
-    expect(win32, win32.CloseHandle, ours, result=True)
+    assert name_gone(win32, name)  # the last handle took the name (FM-45); the view keeps the rest
     # Its last view goes: so does the section, and its memory.
     peer.expect("UnmapViewOfFile", their_view, result=True)
     assert gone(win32, name)
     assert peer.call("OpenFileMapping", FILE_MAP_READ, False, name) == (0, ERROR_FILE_NOT_FOUND)
     assert daemon.resident_bytes() == baseline
+
+
+def test_the_name_goes_with_the_last_handle_while_views_remain(win32, peers):
+    """FM-45 (Wine's test_MapViewOfFile, "close named mapping handle without unmapping"):
+    with every handle closed, the view still shows the bytes, OpenFileMapping of the name
+    fails, and CreateFileMapping of the name makes a new section."""
+    name = unique_name()
+    h = create(win32, name)
+    view = map_view(win32, h)
+    win32.write(view, b"old section")
+    peer = peers()
+    theirs = open_mapping_in(peer, name)
+    peer.expect("CloseHandle", theirs, result=True)
+    expect(win32, win32.CloseHandle, h, result=True)
+    assert win32.read(view, 11) == b"old section"
+    assert win32.VirtualQuery(view).State == MEM_COMMIT
+    expect(win32, win32.OpenFileMapping, FILE_MAP_READ, False, name, result=0, error=ERROR_FILE_NOT_FOUND)
+    assert peer.call("OpenFileMapping", FILE_MAP_READ, False, name) == (0, ERROR_FILE_NOT_FOUND)
+    fresh = create(win32, name)  # ERROR_SUCCESS: a new section, not the old one
+    assert fresh != h
+    fresh_view = map_view(win32, fresh)
+    assert fresh_view != view and win32.read(fresh_view, 11) == bytes(11)
+    assert win32.read(view, 11) == b"old section"  # the old one lives on in its view
+    expect(win32, win32.UnmapViewOfFile, view, result=True)
+    expect(win32, win32.UnmapViewOfFile, fresh_view, result=True)
+    expect(win32, win32.CloseHandle, fresh, result=True)
+    assert gone(win32, name)
+
+
+def test_a_view_asks_no_more_than_the_handles_of_its_process_allow(win32, peers):
+    """FM-42, FM-43: a FILE_MAP_READ handle maps no write view; a FILE_MAP_WRITE handle no
+    read-only one; the creator's handle maps either."""
+    name = unique_name()
+    h = create(win32, name)
+    peer = peers()
+    reader, _ = peer.call("OpenFileMapping", FILE_MAP_READ, False, name)
+    assert reader
+    assert peer.call("MapViewOfFile", reader, FILE_MAP_WRITE, 0, 0, 0) == (0, ERROR_ACCESS_DENIED)
+    read_view = peer.map(reader, access=FILE_MAP_READ)
+    assert peer.ok("VirtualQuery", read_view)["Protect"] == PAGE_READONLY
+    other = peers()
+    writer, _ = other.call("OpenFileMapping", FILE_MAP_WRITE, False, name)
+    assert other.call("MapViewOfFile", writer, FILE_MAP_READ, 0, 0, 0) == (0, ERROR_ACCESS_DENIED)
+    write_view = other.map(writer, access=FILE_MAP_WRITE)
+    other.call("write", write_view, b"written")
+    assert peer.ok("read", read_view, 7) == b"written"
+    assert win32.read(map_view(win32, h, access=FILE_MAP_READ), 7) == b"written"  # the creator: any access
+
+
+def test_unmap_of_an_address_inside_a_view_unmaps_that_view(win32):
+    """FM-59: UnmapViewOfFile(view + 100), (view + 4096), (view + 4096 + 100) each unmap the
+    whole view; the next is FM-61's 'no view here'."""
+    h = create(win32, unique_name())
+    for inside in (100, 4096, 4096 + 100):
+        view = map_view(win32, h)
+        expect(win32, win32.UnmapViewOfFile, view + inside, result=True)
+        with pytest.raises(ShmheapPermissionError):
+            win32.read(view, 4)
+        expect(win32, win32.UnmapViewOfFile, view, result=False, error=ERROR_INVALID_ADDRESS)
 
 
 def test_section_vanishes_when_its_only_holder_is_killed(win32, peers, daemon):
@@ -402,7 +470,7 @@ def test_close_handle_twice(win32):
     expect(win32, win32.CloseHandle, h, result=True)
     expect(win32, win32.CloseHandle, h, result=False, error=ERROR_INVALID_HANDLE)
     expect(win32, win32.MapViewOfFile, h, FILE_MAP_READ, 0, 0, 0, result=0, error=ERROR_INVALID_HANDLE)
-    assert not gone(win32, name)
+    assert not gone(win32, name) and name_gone(win32, name)
     expect(win32, win32.UnmapViewOfFile, view, result=True)
     assert gone(win32, name)
 
