@@ -23,7 +23,8 @@ The JSON schema (version 1, in "schema"; fields are added, never renamed or remo
     global      {objects, shared, bytes, reserved, committed, free, largest_free,
                  fragmentation}: the global heap, as of now; `bytes` what its live objects
                  hold, `shared` those no process owns
-    sections    [{handle, name, size, holders, views}]
+    sections    [{handle, name, size, file, holders, views}]: `file` true for a file-backed
+                one (its pages are the file's, never the segment's)
     clipboard   {sequence, owner, owner_pid, open_window, opener, formats: [[format, name,
                  size, synthesized], ...]}
 
@@ -82,7 +83,7 @@ def render(stat):
     lines.append(f"sections: {len(stat['sections'])}")
     for section in stat["sections"]:
         lines.append(f"  {str(section['name']):<24} {_bytes(section['size']):>11}  {section['holders']} holders,"
-                     f" {section['views']} views")
+                     f" {section['views']} views" + (", a file" if section["file"] else ""))
     clip = stat["clipboard"]
     lines.append(f"clipboard: sequence {clip['sequence']}, {len(clip['formats'])} formats"
                  + (f", open by pid {clip['opener']}" if clip["opener"] else ""))

@@ -134,7 +134,7 @@ class Kernel:
             "section_query": sections.query,
             "file_mapping_create": lambda pid, protect, size, name: sections.create_file(
                 pid, self._passed_fd(), protect, size, name),
-            "file_mapping_file": lambda pid, handle: self._reply_with_fd(sections.file_of(pid, handle)),
+            "file_mapping_file": lambda pid, handle: self._reply_with_fd(*sections.file_of(pid, handle)),
             "clipboard_open": clip.open,
             "clipboard_close": clip.close,
             "clipboard_empty": clip.empty,
@@ -196,14 +196,15 @@ class Kernel:
             raise_for(WinError.ERROR_INVALID_HANDLE, "no file descriptor came with the request")
         return session.fds.pop(0)
 
-    def _reply_with_fd(self, fd):
-        """The reply carries `fd` (the server attaches it); the daemon keeps its own."""
-        self.reply_fd = fd
+    def _reply_with_fd(self, fd, owned):
+        """The reply carries `fd` (the server attaches it); an `owned` one is closed once sent."""
+        self.reply_fd = (fd, owned)
         return True
 
     def take_reply_fd(self):
-        fd, self.reply_fd = self.reply_fd, None
-        return fd
+        """(fd, owned) the reply to carry, now the server's to send."""
+        reply_fd, self.reply_fd = self.reply_fd, None
+        return reply_fd
 
     def access_changes(self, pid):
         """What the request just answered changed in what `pid` may touch (PageTable.touch),
@@ -287,7 +288,7 @@ class Kernel:
                        "reserved": heap.reserved, "committed": heap.committed,
                        "free": free, "largest_free": largest_free,
                        "fragmentation": fragmentation(free, largest_free)},
-            "sections": [{"handle": row["handle"], "name": row["name"], "size": row["size"],
+            "sections": [{"handle": row["handle"], "name": row["name"], "size": row["size"], "file": row["file"],
                           "holders": len(row["handles"]), "views": sum(n for _, n in row["views"])}
                          for row in self.sections.list()],
             "clipboard": self.clipboard.info(pid),

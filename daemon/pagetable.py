@@ -272,11 +272,12 @@ class PageTable:
         freed = sum(self.release(region) for region in regions)
         return len(regions), freed
 
-    def grant(self, region, pid, writable):
-        """Let process `pid` see into `region` (a section it maps), writable or read-only."""
+    def grant(self, region, pid, spans):
+        """Let process `pid` see into `region` (a section it maps) where its views are: spans
+        [(first page, stop page, writable), ...]; nothing else of the region."""
         if region.viewers is None:
             region.viewers = {}
-        region.viewers[pid] = writable
+        region.viewers[pid] = sorted(spans)
         self.touch(region.base, region.end)
 
     def revoke(self, region, pid):
@@ -344,12 +345,23 @@ class PageTable:
             if region.shared and self.shared_access is not None:
                 for address, length, prot in self.shared_access(pid, cursor, stop):
                     add(address, address + length, prot)
-            elif region.kind == "file" and _visible(region, pid):
-                # A file section's pages are the file's, mapped over the region by each viewer
-                # (sections.py): never committed here, all of them as accessible as its views.
-                add(cursor, stop, _prot(region.alloc_protect, region.viewers[pid]))
+            elif region.viewers is not None and pid in region.viewers:
+                # A section the process has views of: their pages, as the views allow; none
+                # of the rest. A file section's pages are the file's, mapped over the region by
+                # each viewer (sections.py): never committed here, all as the section allows.
+                first, last = (cursor - region.base) // PAGE_SIZE, pages_in(stop - region.base)
+                for a, b, writable in _view_pieces(region.viewers[pid], first, last):
+                    start_a, stop_b = region.base + a * PAGE_SIZE, region.base + b * PAGE_SIZE
+                    if writable is None:
+                        add(start_a, stop_b, 0)
+                    elif region.kind == "file":
+                        add(start_a, stop_b, _prot(region.alloc_protect, writable))
+                    else:
+                        for run_start, run_stop, value in region.runs(a, b):
+                            add(region.base + run_start * PAGE_SIZE, region.base + run_stop * PAGE_SIZE,
+                                _prot(value, writable))
             elif _visible(region, pid):
-                writable = region.viewers is None or region.owner == pid or region.viewers[pid]
+                writable = True
                 first = (cursor - region.base) // PAGE_SIZE
                 for run_start, run_stop, value in region.runs(first, pages_in(stop - region.base)):
                     add(max(region.base + run_start * PAGE_SIZE, cursor),
@@ -440,18 +452,23 @@ class PageTable:
 
     # ---- Win32 semantics ------------------------------------------------------------------
 
-    def _own_region(self, owner, address):
+    def _own_region(self, owner, address, on_view=WinError.ERROR_INVALID_ADDRESS):
+        """The caller's region at `address`. A section's region the caller has a view of is
+        refused with `on_view` (the error Windows gives that call on a view, FM-56), any
+        other region not its own with ERROR_INVALID_ADDRESS."""
         region = self.region_at(address)
+        if region is not None and region.viewers is not None and owner in region.viewers:
+            raise_for(on_view, f"{address:#x} is in a view of a section")
         if region is None or region.owner != owner:
             raise_for(WinError.ERROR_INVALID_ADDRESS, f"no region of this process at {address:#x}")
         return region
 
-    def _page_range(self, owner, address, size):
+    def _page_range(self, owner, address, size, on_view=WinError.ERROR_INVALID_ADDRESS):
         """The caller's region and page range [first, last) covering [address, address+size),
         which must lie in one region (VA-17, VA-18, VF-12)."""
         if address + size > self.end:
             raise_for(WinError.ERROR_INVALID_ADDRESS, "range past the end of the address space")
-        region = self._own_region(owner, address)
+        region = self._own_region(owner, address, on_view)
         end = round_up(address + size, PAGE_SIZE)
         if end > region.end:
             raise_for(WinError.ERROR_INVALID_ADDRESS, "range crosses the end of its region")
@@ -483,7 +500,7 @@ class PageTable:
             # MEM_COMMIT with no address implies MEM_RESERVE (VA-04).
             commit = None if alloc_type & MEM_COMMIT else 0
             return self.allocate(owner, size, protect, commit, address, bool(alloc_type & MEM_TOP_DOWN)).base
-        region, first, last = self._page_range(owner, address, size)
+        region, first, last = self._page_range(owner, address, size, on_view=WinError.ERROR_ACCESS_DENIED)
         self.commit(region, first, last, protect)
         return region.base + first * PAGE_SIZE
 
@@ -513,7 +530,7 @@ class PageTable:
                     raise_for(WinError.ERROR_INVALID_ADDRESS, "size 0 decommits from the region base only")
                 first, last = 0, region.pages
             else:
-                region, first, last = self._page_range(owner, address, size)
+                region, first, last = self._page_range(owner, address, size, on_view=WinError.ERROR_INVALID_PARAMETER)
             if region.kind != "private":
                 raise_for(WinError.ERROR_INVALID_ADDRESS, f"region belongs to a {region.kind}")
             self.decommit(region, first, last)
@@ -533,17 +550,23 @@ class PageTable:
             gap_end = self.bases[i] if i < len(self.bases) else self.end
             return (page, 0, 0, gap_end - page, MEM_FREE, PAGE_NOACCESS, 0)
         kind = MEM_MAPPED if region.kind in ("section", "file") else MEM_PRIVATE
-        if not _visible(region, owner):
-            # Another process's memory: visible as taken, never as accessible.
-            return (page, region.base, PAGE_NOACCESS, region.end - page, MEM_RESERVE, 0, kind)
         index = (page - region.base) // PAGE_SIZE
+        writable = True
+        view_stop = region.pages
+        if region.viewers is not None and owner in region.viewers:  # where its views are
+            _, view_stop, writable = next(_view_pieces(region.viewers[owner], index, region.pages))
+        if not _visible(region, owner) or writable is None:
+            # Another process's memory, or a section's pages out of this one's views: visible
+            # as taken, never as accessible.
+            return (page, region.base, PAGE_NOACCESS, region.end - page, MEM_RESERVE, 0, kind)
         _, stop, value = next(region.runs(index, region.pages))
         if region.kind == "file":  # the file's pages, committed as far as the view goes (FM-54)
             stop, value = region.pages, region.alloc_protect
+        stop = min(stop, view_stop)
         state = MEM_RESERVE if value == RESERVED else MEM_COMMIT
         alloc_protect = region.alloc_protect
-        if region.viewers is not None and region.owner != owner and not region.viewers[owner]:
-            alloc_protect = value = PAGE_READONLY  # this process's views are FILE_MAP_READ
+        if not writable:
+            alloc_protect = value = PAGE_READONLY  # this process's views here are FILE_MAP_READ
         return (page, region.base, alloc_protect, (stop - index) * PAGE_SIZE, state, value, kind)
 
     def virtual_protect(self, owner, address, size, protect):
@@ -551,7 +574,9 @@ class PageTable:
         check_protection(protect)
         if size == 0:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "size must not be 0")
-        region, first, last = self._page_range(owner, address, size)
+        # A view's protection is its access (FILE_MAP_*), the same for the whole view here:
+        # Windows lets a compatible protection through (FM-56); here none changes it.
+        region, first, last = self._page_range(owner, address, size, on_view=WinError.ERROR_INVALID_PARAMETER)
         runs = list(region.runs(first, last))
         if any(value == RESERVED for _, _, value in runs):
             raise_for(WinError.ERROR_INVALID_ADDRESS, "range holds uncommitted pages")
@@ -596,6 +621,16 @@ def _prot(value, writable):
     if value == RESERVED or value & PAGE_GUARD or not value & PAGE_READABLE:
         return 0
     return mmap.PROT_READ | mmap.PROT_WRITE if writable and value & PAGE_WRITABLE else mmap.PROT_READ
+
+
+def _view_pieces(spans, first, stop):
+    """Pages [first, stop) in pieces (first, stop, writable) by a process's view spans:
+    writable True or False where a view covers them (True if any covering view writes), None
+    where none does."""
+    edges = sorted({first, stop, *(min(max(edge, first), stop) for a, b, _ in spans for edge in (a, b))})
+    for a, b in zip(edges, edges[1:]):
+        covering = [writable for start, end, writable in spans if start <= a and b <= end]
+        yield a, b, (any(covering) if covering else None)
 
 
 def _visible(region, owner):

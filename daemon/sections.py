@@ -14,9 +14,10 @@ it. Processes reach a section through handles and views, both counted per proces
              FM-43); the creator's handles have all access.
     views    MapViewOfFile adds one at base + offset (the segment is one address space, so a
              view is the section's own bytes, the same address in every process);
-             UnmapViewOfFile of any address inside a view removes it (FM-59). A process's
-             rights on the region are the union of its views' (FILE_MAP_READ alone gives
-             read-only views).
+             UnmapViewOfFile of any address inside a view removes it (FM-59). A process
+             may touch the pages of its views and no others of the region, each as the
+             views over it allow (FILE_MAP_READ alone: read-only). Views at one address
+             are counted together, with the largest size and any write access among them.
 
 The name goes with the last handle, even while views remain (FM-45): a later OpenFileMapping
 fails and a new CreateFileMapping of the name makes a new section. The section itself
@@ -34,7 +35,7 @@ from shmheap.constants import (FILE_MAP_ALL_ACCESS, FILE_MAP_COPY, FILE_MAP_EXEC
                                FILE_MAP_WRITE, PAGE_EXECUTE_READ, PAGE_EXECUTE_READWRITE,
                                PAGE_EXECUTE_WRITECOPY, PAGE_READONLY, PAGE_READWRITE, PAGE_WRITECOPY)
 from shmheap.errors import WinError, raise_for
-from shmheap.segment import ALLOCATION_GRANULARITY
+from shmheap.segment import ALLOCATION_GRANULARITY, PAGE_SIZE
 
 from .pagetable import SYSTEM
 
@@ -60,6 +61,13 @@ class Section:
         self.rights = {}  # pid -> the union of its handles' FILE_MAP_* access
         self.views = {}  # pid -> {address: [count, writable, size]}
         self.fd = fd  # the file of a file-backed section, else None
+
+
+def _spans(section, views):
+    """A process's views of `section` as page spans of its region: [(first, stop, writable)]."""
+    base = section.region.base
+    return [((address - base) // PAGE_SIZE, -(-(address - base + size) // PAGE_SIZE), writable)
+            for address, (_, writable, size) in views.items()]
 
 
 def _needs(access):
@@ -116,6 +124,7 @@ class Sections:
             if name and name in self.by_name:
                 section = self.by_name[name]
                 self._add_handle(section, pid, FILE_MAP_ALL_ACCESS)
+                os.close(fd)  # the section has its file already
                 return [section.handle, True, section.size]
             protect &= 0xFF
             if protect not in _FILE_PROTECTIONS:
@@ -123,8 +132,9 @@ class Sections:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise_for(WinError.ERROR_INVALID_HANDLE, "not a regular file")
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-            if mode == os.O_WRONLY or (protect in _WRITABLE and mode != os.O_RDWR):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            mode = flags & os.O_ACCMODE
+            if flags & os.O_PATH or mode == os.O_WRONLY or (protect in _WRITABLE and mode != os.O_RDWR):
                 raise_for(WinError.ERROR_ACCESS_DENIED, "the file is not open for "
                           + ("reading and writing" if protect in _WRITABLE else "reading"))
             if size == 0:
@@ -133,16 +143,17 @@ class Sections:
                     raise_for(WinError.ERROR_FILE_INVALID, "an empty file cannot be mapped with size 0")
             if size > MAX_FILE_SIZE:
                 raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "a file section of at most 1 TiB")
-            if size > info.st_size:
-                if protect not in _WRITABLE:
-                    raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the file, which only a"
-                              " read-write section may extend")
+            if size > info.st_size and protect not in _WRITABLE:
+                raise_for(WinError.ERROR_NOT_ENOUGH_MEMORY, "larger than the file, which only a"
+                          " read-write section may extend")
+            # Copy-on-write views would need a private mapping per view: here they are read-only.
+            region = self.pagetable.reserve(SYSTEM, size, _READ_ONLY_TWIN.get(protect, protect), kind="file")
+            if size > info.st_size:  # extended only once nothing else can fail (FM-30)
                 try:
                     os.ftruncate(fd, size)
                 except OSError as exc:
+                    self.pagetable.release(region)
                     raise_for(WinError.ERROR_DISK_FULL, f"cannot extend the file: {exc.strerror}")
-            # Copy-on-write views would need a private mapping per view: here they are read-only.
-            region = self.pagetable.reserve(SYSTEM, size, _READ_ONLY_TWIN.get(protect, protect), kind="file")
         except BaseException:
             os.close(fd)
             raise
@@ -156,12 +167,20 @@ class Sections:
         return [section.region.base, section.size, section.protect, section.fd is not None]
 
     def file_of(self, pid, handle):
-        """The file descriptor of a file section the process holds, for the reply to carry
-        (SCM_RIGHTS): the process maps the file itself."""
+        """(descriptor, owned) of a file section the process holds, for the reply to carry
+        (SCM_RIGHTS): the process maps the file itself. A process that may only read (the
+        section, or every handle it holds, is read-only) gets a read-only descriptor of its
+        own, opened anew (`owned`: the caller closes it once sent), so the kernel refuses it
+        a writable mapping; the others get the section's."""
         section = self._held(pid, handle)
         if section.fd is None:
             raise_for(WinError.ERROR_INVALID_HANDLE, "a pagefile-backed section has no file")
-        return section.fd
+        if section.protect in _WRITABLE and section.rights[pid] & FILE_MAP_WRITE:
+            return section.fd, False
+        try:
+            return os.open(f"/proc/self/fd/{section.fd}", os.O_RDONLY | os.O_CLOEXEC), True
+        except OSError as exc:
+            raise_for(WinError.ERROR_ACCESS_DENIED, f"cannot reopen the file read-only: {exc.strerror}")
 
     def open(self, pid, access, name):
         section = self.by_name.get(name)
@@ -209,7 +228,7 @@ class Sections:
         """The process sees the section's pages while it has views, writable if one is."""
         views = section.views.get(pid)
         if views:
-            self.pagetable.grant(section.region, pid, any(writable for _, writable, _ in views.values()))
+            self.pagetable.grant(section.region, pid, _spans(section, views))
         else:
             self.pagetable.revoke(section.region, pid)
             section.views.pop(pid, None)
@@ -299,8 +318,7 @@ class Sections:
                     not views or any(count <= 0 for count, _, _ in views.values())
                     for views in section.views.values()):
                 problems.append(f"section {handle} has a count that is not positive")
-            granted = {pid: any(writable for _, writable, _ in views.values())
-                       for pid, views in section.views.items()}
+            granted = {pid: sorted(_spans(section, views)) for pid, views in section.views.items()}
             if granted != (region.viewers or {}):
                 problems.append(f"section {handle}: viewers {region.viewers} != views {granted}")
         if any(self.by_handle.get(s.handle) is not s for s in self.by_name.values()):
@@ -311,6 +329,6 @@ class Sections:
 
     def list(self):
         return [{"handle": s.handle, "name": s.name, "address": s.region.base, "size": s.size,
-                 "protect": s.protect, "handles": sorted(s.handles.items()),
+                 "protect": s.protect, "file": s.fd is not None, "handles": sorted(s.handles.items()),
                  "views": sorted((pid, len(v)) for pid, v in s.views.items())}
                 for s in self.by_handle.values()]  # pairs, not maps: wire map keys are strings

@@ -223,7 +223,12 @@ class Server:
                     self._flush(session)
                 if session not in self.live:
                     return
-                self._send_with_fd(session, reply, self.kernel.take_reply_fd())
+                fd, owned = self.kernel.take_reply_fd()
+                try:
+                    self._send_with_fd(session, reply, fd)
+                finally:
+                    if owned:
+                        os.close(fd)
                 continue
             if len(frames) == 1 and not out:  # the common case: one request, nothing queued
                 try:
@@ -252,6 +257,12 @@ class Server:
             return False
         return True
 
+    @staticmethod
+    def _close_fds(session):
+        for passed in session.fds:
+            os.close(passed)
+        session.fds.clear()
+
     def _send_with_fd(self, session, reply, fd):
         """Send `reply` with `fd` attached to its first byte. Only with nothing queued ahead
         of it (the client asks for a descriptor alone, with no reply outstanding); else the
@@ -279,8 +290,10 @@ class Server:
         try:
             msgid, op, args = parse_request(frame)
         except RequestError as exc:
+            self._close_fds(session)  # a refused request takes nothing with it
             return encode_reply(exc.msgid, exc.code, str(exc))
         if op != HELLO and not session.greeted:
+            self._close_fds(session)
             return encode_reply(msgid, WinError.ERROR_ACCESS_DENIED, "handshake (hello) first")
         self.kernel.begin()
         self.kernel.request = (session, msgid)
@@ -299,6 +312,8 @@ class Server:
         except Exception:
             log.exception("handler %s failed for pid %d", op, session.pid)
             error, result = WinError.ERROR_GEN_FAILURE, f"internal error in {op}"
+        if session.fds:  # what came with this request and it did not take is closed, not
+            self._close_fds(session)  # left for the next request to take by mistake
         # Success or not, the caller's mapping learns what the request changed for it.
         try:
             access = self.kernel.access_changes(session.pid)
@@ -366,9 +381,7 @@ class Server:
         self.epoll.unregister(fd)
         del self.handlers[fd]
         session.sock.close()
-        for passed in session.fds:
-            os.close(passed)
-        session.fds.clear()
+        self._close_fds(session)
         self.kernel.detach(session)
         log.debug("pid %d disconnected", session.pid)
 

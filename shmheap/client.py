@@ -85,7 +85,6 @@ class Client:
         self.process_heap = None
         self.crt_heap = None  # malloc's (shmheap.crt), made with the process heap
         self.sections = {}  # section handle -> [base, size, protect, file-backed] (section_query)
-        self.views = {}  # view base -> [section handle, size]: this client's views
         self.local_objects = None
         self.session = 0  # counts the connections lost: a hold is good for the one it was made on
         self._waiting = []  # idle connections of this client's for requests that may wait
@@ -166,7 +165,6 @@ class Client:
         self.heaps = {}
         self.regions = {}
         self.sections = {}
-        self.views = {}
         self.process_heap = None
         self.crt_heap = None
         self.local_objects = None
@@ -428,13 +426,19 @@ class Client:
             if mapped_now:
                 self.mapping.unmap_file(base)
             raise
-        self.views[address] = [handle, size or section_size - offset]
+        view = self.mapping.views.setdefault(address, [handle, 0, 0])
+        view[1] = max(view[1], size or section_size - offset)
+        view[2] += 1
         return address
 
     def section_unmap(self, address: int) -> bool:
         """Unmap this process's view holding `address` (its base or any byte inside); True."""
         base, still = self.connection.call("section_unmap", address)
-        self.views.pop(base, None)
+        view = self.mapping.views.get(base)
+        if view is not None:
+            view[2] -= 1
+            if not view[2]:
+                del self.mapping.views[base]
         if not still:
             region = self.mapping.file_view_at(base)
             if region is not None:
@@ -445,7 +449,7 @@ class Client:
         """FlushViewOfFile: start writing the view's dirty pages in [address, address+size)
         (size 0: to the end of the view) to its file; a pagefile-backed view has none.
         ERROR_INVALID_ADDRESS if no view of this process holds `address`."""
-        for base, (_, length) in self.views.items():
+        for base, (_, length, _) in self.mapping.views.items():
             if base <= address < base + length:
                 break
         else:
@@ -461,7 +465,7 @@ class Client:
     def section_close(self, handle: int) -> bool:
         """Close a section handle (the section goes with its last handle and view); True."""
         result = self.connection.call("section_close", handle)
-        if not any(view_handle == handle for view_handle, _ in self.views.values()):
+        if not any(view_handle == handle for view_handle, _, _ in self.mapping.views.values()):
             self.sections.pop(handle, None)
         return result
 

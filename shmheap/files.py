@@ -233,7 +233,7 @@ def map_file(client: Client, path: str | None, mode: str = "r", name: str | None
     except BaseException:
         client.section_close(handle)
         raise
-    length = client.views[address][1]
+    length = client._section(handle)[1]  # a view of the whole section
     view = _file_view_type(length).from_address(address)
     view.client, view.handle, view.address, view.size, view.name = client, handle, address, length, name
     return view

@@ -42,7 +42,7 @@ _mappings = {}  # (segment name, base) -> Mapping
 
 
 class Mapping(Runs):
-    __slots__ = ("name", "base", "size", "users", "last_run", "file_views")
+    __slots__ = ("name", "base", "size", "users", "last_run", "file_views", "views")
 
     def __init__(self, name, base, size, owner=None):
         super().__init__(size >> PAGE_SHIFT, NONE)
@@ -55,6 +55,9 @@ class Mapping(Runs):
         # checked with two compares (Client.view reads it directly).
         self.last_run = (0, 0, NONE)
         self.file_views = {}  # region base -> length: file sections mapped over the segment here
+        # The process's views of sections, as the daemon counts them (per process, whatever
+        # client mapped them): view base -> [section handle, largest size, count].
+        self.views = {}
 
     def map_file(self, address, length, fd):
         """Map the file `fd` over [address, address+length) (a file section's region, not
@@ -62,7 +65,13 @@ class Mapping(Runs):
         daemon's grant. True if it mapped it now."""
         if address in self.file_views:
             return False
-        segment.map_file_over(address, length, fd, 0)
+        try:
+            segment.map_file_over(address, length, fd, 0)
+        except OSError:
+            # MAP_FIXED may have unmapped the range before the file system refused: the
+            # segment goes back there, or the address space would have a hole.
+            segment.map_segment_over(self.name, self.base, address, length)
+            raise
         self.file_views[address] = length
         self.set_pages((address - self.base) >> PAGE_SHIFT, (address - self.base + length) >> PAGE_SHIFT, NONE)
         self.last_run = (0, 0, NONE)
@@ -129,6 +138,7 @@ class Mapping(Runs):
         segment.protect(self.base, self.size, NONE)
         for address in list(self.file_views):
             self.unmap_file(address)
+        self.views.clear()
         self.starts, self.values = [0], [NONE]
         self.last_run = (0, 0, NONE)
 

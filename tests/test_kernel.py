@@ -74,7 +74,7 @@ def test_the_walkers_find_a_viewer_without_a_view(kernel):
     section, _ = kernel.ops["section_create"](PID, PAGE_READWRITE, MiB, None)
     kernel.check()
     region = kernel.pagetable.region_at(kernel.sections.list()[0]["address"])
-    kernel.pagetable.grant(region, PID, True)  # a grant no view accounts for
+    kernel.pagetable.grant(region, PID, [(0, 16, True)])  # a grant no view accounts for
     assert "viewers" in broken(kernel)
 
 
