@@ -314,7 +314,7 @@ def main(argv=None):
     for heap in (h for h in stat["heaps"] if h["owner"] == client.pid):
         inside = "not reported yet" if heap["reported"] is None else (
             f"{heap['blocks']:,} blocks, {heap['free']:,} bytes free, largest free range {heap['largest_free']:,},"
-            f" fragmentation {heap['fragmentation']:.2f}")
+            f" fragmentation {heap['fragmentation']:.2f} (as this process reported {heap['reported']:.1f} s ago)")
         _say(f"     heap {heap['name']!r}: {heap['committed']:,} bytes committed; {inside}")
     client.check()
     _say("\nDone: page table consistent. The embedded daemon exits on its own when idle.")
