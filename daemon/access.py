@@ -27,10 +27,21 @@ READ_WRITE = 0o6  # the socket (connect needs write) and the segment (mapped rea
 SEARCH = 0o1  # the socket's folder: reach the socket, list nothing
 
 
+MAX_ID = 2**32 - 2  # uid_t and gid_t: (uid_t)-1 means "none"
+
+
+def parse_id(text):
+    """A uid or gid given as a number, ValueError unless it is one."""
+    value = int(text)
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{text} is no user or group id (0..{MAX_ID})")
+    return value
+
+
 def parse_group(text):
     """A group given by name or number, as its gid; ValueError if there is no such group."""
     try:
-        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+        return parse_id(text) if text.isdigit() else grp.getgrnam(text).gr_gid
     except KeyError:
         raise ValueError(f"no group named {text!r}") from None
 
@@ -60,19 +71,22 @@ class Access:
         own bits; with nobody let in, any earlier daemon's grant is taken away. OSError
         (EOPNOTSUPP where the file system has no ACLs) if it cannot be done: sharing that
         silently fails is refused at startup."""
+        # The owner's own bits; the group's and others' are nothing, whatever an earlier
+        # grant left showing there (the mode's group bits show an ACL's mask).
+        owner_bits = (stat.S_IMODE(os.stat(path).st_mode) >> 6) & 0o7
         if not self.shared:
             try:
                 os.removexattr(path, _ACL_XATTR)
             except OSError:
                 pass  # none there, or no ACLs on this file system: the mode alone rules
+            os.chmod(path, owner_bits << 6)
             return
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        entries = [(_USER_OBJ, (mode >> 6) & 0o7, _UNDEFINED_ID)]
+        entries = [(_USER_OBJ, owner_bits, _UNDEFINED_ID)]
         entries += [(_USER, permissions, uid) for uid in sorted(self.uids)]
-        entries.append((_GROUP_OBJ, (mode >> 3) & 0o7, _UNDEFINED_ID))
+        entries.append((_GROUP_OBJ, 0, _UNDEFINED_ID))
         entries += [(_GROUP, permissions, gid) for gid in sorted(self.gids)]
-        entries.append((_MASK, permissions | (mode >> 3) & 0o7, _UNDEFINED_ID))
-        entries.append((_OTHER, mode & 0o7, _UNDEFINED_ID))
+        entries.append((_MASK, permissions, _UNDEFINED_ID))
+        entries.append((_OTHER, 0, _UNDEFINED_ID))
         acl = struct.pack("<I", _ACL_VERSION) + b"".join(_ENTRY.pack(*entry) for entry in entries)
         os.setxattr(path, _ACL_XATTR, acl)
 

@@ -126,15 +126,16 @@ class Kernel:
             "global_release": memory.release,
             "global_pin": lambda pid, pointer, serial: memory.pin(pid, pointer, serial, time.monotonic()),
             "section_create": sections.create,
-            "section_open": sections.open,
+            "section_open": lambda pid, access, name: sections.open(pid, access, name, self._caller_uid()),
             "section_map": sections.map,
             "section_unmap": sections.unmap,
             "section_close": sections.close,
             "section_list": lambda pid: sections.list(),
             "section_query": sections.query,
             "file_mapping_create": lambda pid, protect, size, name: sections.create_file(
-                pid, self._passed_fd(), protect, size, name),
-            "file_mapping_file": lambda pid, handle: self._reply_with_fd(*sections.file_of(pid, handle)),
+                pid, self._passed_fd(), protect, size, name, self._caller_uid()),
+            "file_mapping_file": lambda pid, handle: self._reply_with_fd(
+                *sections.file_of(pid, handle, self._caller_uid())),
             "clipboard_open": clip.open,
             "clipboard_close": clip.close,
             "clipboard_empty": clip.empty,
@@ -187,6 +188,11 @@ class Kernel:
         """A request starts: nothing touched yet, no descriptor to send."""
         self.pagetable.touched.clear()
         self.reply_fd = None
+
+    def _caller_uid(self):
+        """The uid of the process whose request is being answered (SO_PEERCRED)."""
+        session = self.request[0]
+        return os.getuid() if session is None else session.uid
 
     def _passed_fd(self):
         """The descriptor the caller sent with this request (SCM_RIGHTS), now ours to keep

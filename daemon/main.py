@@ -16,7 +16,7 @@ import sys
 from shmheap import __version__, segment
 from shmheap.errors import ShmheapError
 
-from .access import READ_WRITE, SEARCH, Access, parse_group
+from .access import READ_WRITE, SEARCH, Access, parse_group, parse_id
 from .kernel import Kernel
 from .server import HANDSHAKE_TIMEOUT, STOP_SIGNALS, Server, listen, peer_is_listening
 
@@ -26,7 +26,8 @@ DEFAULT_IDLE_EXIT = 0  # foreground daemons run until stopped; autostart passes 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="shmheapd", description="the shmheap daemon")
+    # No abbreviations: --systemd-unit passes the options it is given on by their full names.
+    parser = argparse.ArgumentParser(prog="shmheapd", description="the shmheap daemon", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"shmheapd {__version__}")
     parser.add_argument("--socket", default=None, help="Unix socket path (default: $SHMHEAP_SOCKET "
                         "or $XDG_RUNTIME_DIR/shmheap/shmheapd.sock or /tmp/shmheap-$UID/)")
@@ -40,7 +41,7 @@ def parse_args(argv):
                         help="exit after this many seconds with no clients (0: never)")
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                         help="seconds a connection has to say hello before it is dropped")
-    parser.add_argument("--allow-uid", type=int, action="append", default=[],
+    parser.add_argument("--allow-uid", type=_uid, action="append", default=[],
                         help="also let in clients of this uid (repeatable)")
     parser.add_argument("--allow-group", type=_group, action="append", default=[],
                         help="also let in clients in this group, by name or gid (repeatable)")
@@ -71,7 +72,7 @@ def systemd_unit(argv):
             skip = True
         elif not arg.startswith(("--socket=", "--log-file=", "--idle-exit=")):
             options.append(_unit_word(arg))
-    command = " ".join([_unit_word(sys.executable), "-m", "shmheapd", "--socket",
+    command = " ".join([_unit_word(sys.executable, command=True), "-m", "shmheapd", "--socket",
                         "%t/shmheap/shmheapd.sock", "--idle-exit", "0", *options])
     return f"""[Unit]
 Description=shmheap daemon: one shared-memory segment for this user's processes
@@ -88,9 +89,18 @@ WantedBy=default.target
 """
 
 
-def _unit_word(text):
-    """`text` as one word of an ExecStart line: quoted, and % and $ not taken as systemd's."""
-    return shlex.quote(text).replace("%", "%%").replace("$", "$$")
+def _unit_word(text, command=False):
+    """`text` as one word of an ExecStart line: quoted, % not taken as a specifier, and in an
+    argument (not the command, where systemd expands no variables) $ not taken as one."""
+    word = shlex.quote(text).replace("%", "%%")
+    return word if command else word.replace("$", "$$")
+
+
+def _uid(text):
+    try:
+        return parse_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _group(text):
@@ -187,8 +197,8 @@ def main(argv=None):
     try:
         try:
             access.grant(kernel.shm.fd, READ_WRITE)
+            access.grant(os.path.dirname(path), SEARCH)  # before the socket: let in from its first instant
             listener = listen(path, lambda temp: access.grant(temp, READ_WRITE))
-            access.grant(os.path.dirname(path), SEARCH)
         except OSError as exc:
             print(f"shmheapd: cannot let in {access.describe()}: {exc.strerror} "
                   f"(sharing needs POSIX ACLs on /dev/shm and on the socket's folder)", file=sys.stderr)

@@ -49,9 +49,9 @@ MAX_FILE_SIZE = 1 << 40  # a file section's size is bounded as the segment is
 
 
 class Section:
-    __slots__ = ("handle", "name", "region", "size", "protect", "handles", "rights", "views", "fd")
+    __slots__ = ("handle", "name", "region", "size", "protect", "handles", "rights", "views", "fd", "uid")
 
-    def __init__(self, handle, name, region, size, protect, fd=None):
+    def __init__(self, handle, name, region, size, protect, fd=None, uid=None):
         self.handle = handle
         self.name = name
         self.region = region
@@ -61,6 +61,7 @@ class Section:
         self.rights = {}  # pid -> the union of its handles' FILE_MAP_* access
         self.views = {}  # pid -> {address: [count, writable, size]}
         self.fd = fd  # the file of a file-backed section, else None
+        self.uid = uid  # a file section's creator's: the file is that user's to show
 
 
 def _spans(section, views):
@@ -111,7 +112,16 @@ class Sections:
         section.handles[pid] = section.handles.get(pid, 0) + 1
         section.rights[pid] = section.rights.get(pid, 0) | access
 
-    def create_file(self, pid, fd, protect, size, name):
+    @staticmethod
+    def _check_user(section, uid):
+        """A file section is its creator's user's (and root's): the file was opened with that
+        user's rights, which another user let into the daemon may not borrow (on Windows a
+        named object's default DACL admits its creator). Pagefile sections are shared by
+        every user the daemon lets in."""
+        if section.fd is not None and uid not in (section.uid, 0):
+            raise_for(WinError.ERROR_ACCESS_DENIED, "a file section of another user")
+
+    def create_file(self, pid, fd, protect, size, name, uid=None):
         """CreateFileMapping(hFile, ...): a section over the open file `fd` (this call's to
         keep or close). Returns [handle, existed, size]: an existing name gives a new handle
         to that section and `fd` is closed. The file's own open mode decides what it allows
@@ -123,6 +133,7 @@ class Sections:
                 raise_for(WinError.ERROR_INVALID_PARAMETER, "name too long")
             if name and name in self.by_name:
                 section = self.by_name[name]
+                self._check_user(section, uid)
                 self._add_handle(section, pid, FILE_MAP_ALL_ACCESS)
                 os.close(fd)  # the section has its file already
                 return [section.handle, True, section.size]
@@ -157,7 +168,7 @@ class Sections:
         except BaseException:
             os.close(fd)
             raise
-        handle = self._file(Section(next(self._handles), name, region, size, protect, fd), pid)
+        handle = self._file(Section(next(self._handles), name, region, size, protect, fd, uid), pid)
         return [handle, False, size]
 
     def query(self, pid, handle):
@@ -166,7 +177,7 @@ class Sections:
         section = self._held(pid, handle)
         return [section.region.base, section.size, section.protect, section.fd is not None]
 
-    def file_of(self, pid, handle):
+    def file_of(self, pid, handle, uid=None):
         """(descriptor, owned) of a file section the process holds, for the reply to carry
         (SCM_RIGHTS): the process maps the file itself. A process that may only read (the
         section, or every handle it holds, is read-only) gets a read-only descriptor of its
@@ -175,6 +186,7 @@ class Sections:
         section = self._held(pid, handle)
         if section.fd is None:
             raise_for(WinError.ERROR_INVALID_HANDLE, "a pagefile-backed section has no file")
+        self._check_user(section, uid)
         if section.protect in _WRITABLE and section.rights[pid] & FILE_MAP_WRITE:
             return section.fd, False
         try:
@@ -182,10 +194,11 @@ class Sections:
         except OSError as exc:
             raise_for(WinError.ERROR_ACCESS_DENIED, f"cannot reopen the file read-only: {exc.strerror}")
 
-    def open(self, pid, access, name):
+    def open(self, pid, access, name, uid=None):
         section = self.by_name.get(name)
         if section is None:
             raise_for(WinError.ERROR_FILE_NOT_FOUND, f"no section named {name!r}")
+        self._check_user(section, uid)
         self._check_access(section, access)
         self._add_handle(section, pid, access)
         return section.handle

@@ -303,8 +303,14 @@ class Client:
             raise_for(WinError.ERROR_INVALID_HANDLE, "the process heap and the CRT heap cannot be destroyed")
         if self.heaps.get(heap.base) is not heap:
             raise_for(WinError.ERROR_INVALID_HANDLE, "not a live heap of this process")
-        self.connection.call("heap_destroy", heap.base)
+        # Out of the table first: once the daemon has the request, another thread's new heap
+        # may get the same base, and its entry must not be the one removed.
         del self.heaps[heap.base]
+        try:
+            self.connection.call("heap_destroy", heap.base)
+        except ShmheapError:
+            self.heaps.setdefault(heap.base, heap)
+            raise
         heap.abandon()
 
     def heap_list(self) -> list[dict[str, Any]]:

@@ -177,6 +177,8 @@ class Connection:
         try:
             if self.deferred and self.sock is not None:
                 self._send_posted([])  # their replies are read with the next call
+                if len(self.posted) >= MAX_POSTED:  # (a process that only allocates makes none)
+                    self._collect_posted()
         except ShmheapError:
             pass  # the connection went, and what they let go of with it
         finally:

@@ -882,8 +882,10 @@ class Heap:
             self.purge()
         for index, region in enumerate(self.regions):
             yield "region", region.base, region.committed_end - region.base, 0, index, region
-            items = [(start, "free", end - start, 0) for start, end in self.free_start.items()
-                     if region.base <= start < region.end]
+            # Free ranges, with the purge's holes in them shown as uncommitted ranges.
+            items = [(a, "free" if committed else "uncommitted", b - a, 0)
+                     for start, end in self.free_start.items() if region.base <= start < region.end
+                     for a, b, committed in self._free_pieces(start, end)]
             items += [(a, "busy", s, self._extent(s) - s) for a, s in self.medium.items()
                       if region.base <= a < region.end]
             for slab in self.slab_set:
@@ -926,8 +928,27 @@ class Heap:
         return self._is_filled(address + size, self._extent(size) - size, TAIL_FILL)
 
     def largest_free(self) -> int:
-        """HeapCompact's answer: the largest committed free range."""
-        return max((end - start for start, end in self.free_start.items()), default=0)
+        """HeapCompact's answer: the largest committed free range (the purge's holes, pages
+        given back inside free ranges, split the ranges they lie in)."""
+        best = 0
+        for start, end in self.free_start.items():
+            if end - start > best:
+                best = max([best] + [b - a for a, b, committed in self._free_pieces(start, end) if committed])
+        return best
+
+    def _free_pieces(self, start, end):
+        """The free range [start, end) in pieces (a, b, committed): the purge's holes apart."""
+        cursor = start
+        i = bisect_left(self.hole_starts, start)
+        while i < len(self.hole_starts) and self.hole_starts[i] < end:
+            hole = self.hole_starts[i]
+            if hole > cursor:
+                yield cursor, hole, True
+            cursor = self.holes[hole]
+            yield hole, cursor, False
+            i += 1
+        if end > cursor:
+            yield cursor, end, True
 
     def usage(self) -> tuple[int, int, int]:
         """(live blocks, free bytes, largest free range): what `shmheap stat` shows of a heap.

@@ -233,7 +233,10 @@ class Purger:
                     continue
             if report:
                 self.next_report = now + REPORT_SECONDS
-                self._report()
+                try:
+                    self._report()
+                except Exception:  # a report is not worth the thread: purges must go on
+                    pass
             for heap in due:
                 if self._purge(heap):
                     with self.wakeup:
@@ -242,18 +245,23 @@ class Purger:
             time.sleep(0.01)  # heaps whose lock was taken: try again shortly, not at once
 
     def _report(self):
-        for heap, reported in list(self.watched.items()):
-            if not heap.alive:
-                self.watched.pop(heap, None)
-                continue
-            if heap.changes == reported:
+        with self.wakeup:  # watch() adds heaps from other threads
+            watched = list(self.watched.items())
+        for heap, reported in watched:
+            if heap.changes == reported and heap.alive:
                 continue
             with _if_free(heap) as free:
                 if not free:
                     continue  # in use: next round
-                changes, figures = heap.changes, heap.usage()
-            heap.source.report(*figures)
-            self.watched[heap] = changes
+                alive = heap.alive
+                if alive:  # queued under the lock: it goes out before any destroy of the heap
+                    changes = heap.changes
+                    heap.source.report(*heap.usage())
+            with self.wakeup:
+                if alive:
+                    self.watched[heap] = changes
+                else:
+                    self.watched.pop(heap, None)
 
     @staticmethod
     def _purge(heap, force=False):
