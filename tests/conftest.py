@@ -17,6 +17,7 @@ import pytest
 
 import shmheap
 from shmheap import segment
+from shmheap.errors import WinError
 from shmheapd.kernel import Kernel
 from shmheapd.server import peer_is_listening
 
@@ -51,6 +52,32 @@ def in_forked_child(body):
     finally:
         os.waitpid(pid, 0)
         os.close(read_end)
+
+
+def as_user(uid, body, groups=(), env=None):
+    """Run body() in a forked child turned into `uid` (primary group `uid`, plus `groups`,
+    `env` added to its environment); needs root. Returns what in_forked_child does."""
+    def child():
+        os.setgroups(list(groups))
+        os.setgid(uid)
+        os.setuid(uid)
+        os.environ.update(env or {})
+        return body()
+    return in_forked_child(child)
+
+
+def connect_code(socket_path, work=None):
+    """A child body for as_user: 0 if it connects (and `work(client)` returns 0), 10 if
+    refused with ERROR_ACCESS_DENIED, 11 for any other error."""
+    def body():
+        try:
+            with shmheap.connect(socket_path, autostart=False) as client:
+                return work(client) if work else 0
+        except shmheap.ShmheapError as exc:
+            return 10 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 11
+        except Exception:
+            return 11
+    return body
 
 
 def receive(conn, timeout=30.0):

@@ -16,7 +16,7 @@ from shmheap.constants import MEM_DECOMMIT, MEM_RELEASE, PAGE_READONLY
 from shmheap.errors import WinError
 from shmheapd.main import main as daemon_main
 from shmheapd.server import peer_is_listening
-from conftest import Daemon, in_forked_child, wait_until
+from conftest import Daemon, as_user, connect_code, wait_until
 from win32_checks import expect
 
 
@@ -112,29 +112,6 @@ NOBODY, STRANGER, CREW = 65534, 65533, 65532
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be another uid")
 
 
-def _as_user(uid, body, groups=(), env=None):
-    """Run body() in a forked child turned into `uid` (primary group `uid`, plus `groups`)."""
-    def child():
-        os.setgroups(list(groups))
-        os.setgid(uid)
-        os.setuid(uid)
-        os.environ.update(env or {})
-        return body()
-    return in_forked_child(child)
-
-
-def _connect_code(socket_path, work=None):
-    """A child body: 0 if it connects (and `work(client)` returns 0), 10 if refused with
-    ERROR_ACCESS_DENIED, 11 for any other error."""
-    def body():
-        try:
-            with shmheap.connect(socket_path, autostart=False) as client:
-                return work(client) if work else 0
-        except shmheap.ShmheapPermissionError as exc:
-            return 10 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 11
-        except Exception:
-            return 11
-    return body
 
 
 def _reachable(short_dir):
@@ -151,7 +128,7 @@ def test_another_user_is_refused_by_default_by_the_files_themselves(short_dir, m
     _reachable(short_dir)
     daemon = make_daemon()
     assert os.stat(daemon.socket).st_mode & 0o077 == 0 and os.stat(daemon.folder).st_mode & 0o077 == 0
-    assert _as_user(NOBODY, _connect_code(daemon.socket)) == 10
+    assert as_user(NOBODY, connect_code(daemon.socket)) == 10
     assert "refused pid" not in daemon.log_text()  # the kernel refused it: the daemon saw nothing
 
 
@@ -173,13 +150,13 @@ def test_a_user_let_in_shares_memory_with_the_owner_and_no_one_else_gets_in(shor
             client.view(address, 5)[:] = b"pages"
             return 0
 
-        assert _as_user(NOBODY, _connect_code(daemon.socket, work)) == 0
+        assert as_user(NOBODY, connect_code(daemon.socket, work)) == 0
         assert bytes(shared.view()[:5]) == b"guest"
-        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+        assert as_user(STRANGER, connect_code(daemon.socket)) == 10
         # and a stranger who reaches the socket anyway (its mode widened by hand) is refused
         # by the daemon, which checks every peer's credentials itself
         _widen_by_hand(daemon)
-        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+        assert as_user(STRANGER, connect_code(daemon.socket)) == 10
         assert "refused pid" in daemon.log_text()
         assert owner.echo(1) == 1
 
@@ -188,10 +165,10 @@ def test_a_user_let_in_shares_memory_with_the_owner_and_no_one_else_gets_in(shor
 def test_a_group_let_in_admits_its_members_by_their_supplementary_groups(short_dir, make_daemon):
     _reachable(short_dir)
     daemon = make_daemon("--allow-group", str(CREW))
-    assert _as_user(NOBODY, _connect_code(daemon.socket), groups=[CREW]) == 0
-    assert _as_user(NOBODY, _connect_code(daemon.socket)) == 10
+    assert as_user(NOBODY, connect_code(daemon.socket), groups=[CREW]) == 0
+    assert as_user(NOBODY, connect_code(daemon.socket)) == 10
     _widen_by_hand(daemon)
-    assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10
+    assert as_user(STRANGER, connect_code(daemon.socket)) == 10
     assert "refused pid" in daemon.log_text()  # the daemon's own check
 
 
@@ -216,10 +193,10 @@ def test_a_users_own_daemon_shared_with_another_is_trusted_only_when_the_client_
         wait_until(lambda: peer_is_listening(daemon.socket) or os.waitpid(pid, os.WNOHANG)[0],
                    what="nobody's daemon to listen")
         assert peer_is_listening(daemon.socket), daemon.log_text()
-        assert _as_user(STRANGER, _connect_code(daemon.socket)) == 10  # "runs as uid 65534"
+        assert as_user(STRANGER, connect_code(daemon.socket)) == 10  # "runs as uid 65534"
         trusting = {connection.DAEMON_UID_ENV: str(NOBODY)}
-        assert _as_user(STRANGER, _connect_code(daemon.socket), env=trusting) == 0
-        assert _as_user(CREW, _connect_code(daemon.socket), env=trusting) == 10  # not let in
+        assert as_user(STRANGER, connect_code(daemon.socket), env=trusting) == 0
+        assert as_user(CREW, connect_code(daemon.socket), env=trusting) == 10  # not let in
     finally:
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)

@@ -24,7 +24,7 @@ import pytest
 import shmheap
 from shmheap import connection
 from shmheap.errors import WinError
-from conftest import in_forked_child, receive, wait_until
+from conftest import as_user, connect_code, receive, wait_until
 
 MiB = 2**20
 NOBODY, STRANGER = 65534, 65533
@@ -33,28 +33,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be anot
 ACL = "system.posix_acl_access"
 
 
-def _as_user(uid, body, groups=()):
-    """Run body() in a forked child turned into `uid` (primary group `uid`, plus `groups`)."""
-    def child():
-        os.setgroups(list(groups))
-        os.setgid(uid)
-        os.setuid(uid)
-        return body()
-    return in_forked_child(child)
-
-
-def _connect_code(socket_path, work=None):
-    """A child body: 0 if it connects (and `work(client)` returns 0), 10 if refused with
-    ERROR_ACCESS_DENIED, 11 for any other error."""
-    def body():
-        try:
-            with shmheap.connect(socket_path, autostart=False) as client:
-                return work(client) if work else 0
-        except shmheap.ShmheapError as exc:
-            return 10 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 11
-        except Exception:
-            return 11
-    return body
 
 
 def _stat_code(path):
@@ -96,7 +74,7 @@ def test_a_restart_without_sharing_leaves_the_socket_folder_the_owners_alone(sho
     assert _acl_entries(folder) == []  # the grant was taken away...
     if os.geteuid() == 0:  # ...so a member of the folder's group must not reach the socket
         group = os.stat(folder).st_gid
-        assert _as_user(NOBODY, _stat_code(private.socket), groups=[group]) == 10
+        assert as_user(NOBODY, _stat_code(private.socket), groups=[group]) == 10
     assert os.stat(folder).st_mode & 0o077 == 0, oct(os.stat(folder).st_mode)  # as it was: 0700
 
 
@@ -107,7 +85,7 @@ def test_a_shared_restart_gives_the_folders_group_nothing(short_dir, make_daemon
     second = make_daemon("--allow-uid", str(STRANGER), folder=folder)
     if os.geteuid() == 0:  # NOBODY is no longer let in, but is in the folder's group here
         group = os.stat(folder).st_gid
-        assert _as_user(NOBODY, _stat_code(second.socket), groups=[group]) == 10
+        assert as_user(NOBODY, _stat_code(second.socket), groups=[group]) == 10
     group_obj = [perm for tag, perm, _ in _acl_entries(folder) if tag == 0x04]
     assert group_obj == [0], _acl_entries(folder)
 
@@ -135,10 +113,10 @@ def test_a_user_let_in_before_a_restart_without_sharing_is_refused_after_it(shor
     """The socket and the segment are new at each start: the old grant goes with them."""
     folder = _folder(short_dir)
     shared = make_daemon("--allow-uid", str(NOBODY), folder=folder)
-    assert _as_user(NOBODY, _connect_code(shared.socket)) == 0
+    assert as_user(NOBODY, connect_code(shared.socket)) == 0
     assert shared.stop() == 0
     private = make_daemon(folder=folder)
-    assert _as_user(NOBODY, _connect_code(private.socket)) == 10
+    assert as_user(NOBODY, connect_code(private.socket)) == 10
 
     def open_segment():
         try:
@@ -146,7 +124,7 @@ def test_a_user_let_in_before_a_restart_without_sharing_is_refused_after_it(shor
             return 0
         except posix_ipc.PermissionsError:
             return 10
-    assert _as_user(NOBODY, open_segment) == 10
+    assert as_user(NOBODY, open_segment) == 10
 
 
 @needs_root
@@ -161,8 +139,8 @@ def test_only_users_let_in_may_open_the_segment_itself(short_dir, make_daemon):
             return 10
         shm.close_fd()
         return 0
-    assert _as_user(NOBODY, open_segment) == 0
-    assert _as_user(STRANGER, open_segment) == 10
+    assert as_user(NOBODY, open_segment) == 0
+    assert as_user(STRANGER, open_segment) == 10
 
 
 @needs_root
@@ -174,7 +152,7 @@ def test_a_user_let_in_cannot_read_the_owners_files_through_a_named_file_section
     with open(secret, "wb") as f:
         f.write(b"the owner's secret".ljust(4096, b"."))
     os.chmod(secret, 0o600)
-    assert _as_user(NOBODY, _stat_code(secret)) == 10  # NOBODY's own uid cannot reach it
+    assert as_user(NOBODY, _stat_code(secret)) == 10  # NOBODY's own uid cannot reach it
     with shmheap.connect(daemon.socket, autostart=False) as owner:
         with owner.map_file(secret, "r+", name="review secret"):
             def steal(client):
@@ -184,7 +162,7 @@ def test_a_user_let_in_cannot_read_the_owners_files_through_a_named_file_section
                     return 10 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 11
                 with view:
                     return 20 if bytes(memoryview(view)[:18]) == b"the owner's secret" else 21
-            assert _as_user(NOBODY, _connect_code(daemon.socket, steal)) == 10
+            assert as_user(NOBODY, connect_code(daemon.socket, steal)) == 10
 
 
 @pytest.mark.parametrize("option", [["--allow-uid", "-1"], ["--allow-uid", str(2**32)],
