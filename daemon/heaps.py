@@ -90,16 +90,17 @@ class Heaps:
         record.regions.discard(base)
         self.pagetable.release(self.pagetable.region_at(base))
 
-    def report(self, owner, handle, blocks, free, largest_free):
-        """The owner says what its heap holds: live blocks, committed free bytes, the largest
-        free range. Kept as told (the owner alone knows), with the time it came; figures that
-        cannot be true of the heap are refused."""
+    def report(self, owner, handle, blocks, free, largest_free, when_ms):
+        """The owner says what its heap held at `when_ms` (ms since the epoch: a report may
+        wait for a call to carry it): live blocks, committed free bytes, the largest free
+        range. Kept as told (the owner alone knows); figures that cannot be true of the heap
+        are refused."""
         record = self._own(owner, handle)
         committed = sum(self.pagetable.region_at(base).committed for base in record.regions)
         if largest_free > free or free > committed or blocks * ALIGN + free > committed:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "a heap report larger than the heap")
         record.usage = {"blocks": blocks, "free": free,
-                        "largest_free": largest_free, "as_of": time.time()}
+                        "largest_free": largest_free, "as_of": min(when_ms / 1000, time.time())}
 
     def destroy(self, owner, handle):
         self._drop(self._own(owner, handle))

@@ -25,6 +25,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -292,10 +293,12 @@ class Client:
         """Release the region of heap `handle` that starts at `base`."""
         self.connection.call("heap_release", handle, base)
 
-    def heap_report(self, handle: int, blocks: int, free: int, largest_free: int) -> None:
-        """Tell the daemon what heap `handle` holds, for `shmheap stat`; deferred: it rides
-        with the next call and its answer is not waited for."""
-        self.connection.defer("heap_report", handle, blocks, free, largest_free)
+    def heap_report(self, handle: int, blocks: int, free: int, largest_free: int, when: float | None = None) -> None:
+        """Tell the daemon what heap `handle` held at `when` (time.time(); default now), for
+        `shmheap stat`; deferred: it rides with the next call and its answer is not waited
+        for, so the time it was true travels with it."""
+        when = time.time() if when is None else when
+        self.connection.defer("heap_report", handle, blocks, free, largest_free, int(when * 1000))
 
     def heap_destroy(self, heap: Heap) -> None:
         """Release every page of `heap` (not the process heap), whatever is still allocated."""

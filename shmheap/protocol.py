@@ -106,7 +106,8 @@ OPS = {
     "heap_create": (_str, _u32, _u64, _u64, _u64),  # name, flags, reserve, commit, maximum
     "heap_extend": (_u64, _u64),  # handle, size
     "heap_commit": (_u64, _u64, _u64),  # handle, address, size
-    "heap_report": (_u64, _u64, _u64, _u64),  # handle, blocks, free bytes, largest free range
+    # handle, blocks, free bytes, largest free range, when (ms since the epoch) it was so
+    "heap_report": (_u64, _u64, _u64, _u64, _u64),
     "heap_decommit": (_u64, _u64, _u64),
     "heap_release": (_u64, _u64),  # handle, region base
     "heap_destroy": (_u64,),

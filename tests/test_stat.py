@@ -111,11 +111,22 @@ def test_stat_shows_what_lies_inside_each_heap_as_its_process_reports_it(daemon)
 def test_a_report_that_cannot_be_true_is_refused(daemon, client):
     heap = client.create_heap("honest", initial=MiB)
     with pytest.raises(shmheap.ShmheapValueError):
-        client.connection.call("heap_report", heap.handle, 1, 2 * MiB, 1)  # more free than committed
+        client.connection.call("heap_report", heap.handle, 1, 2 * MiB, 1, 0)  # more free than committed
     with pytest.raises(shmheap.ShmheapValueError):
-        client.connection.call("heap_report", heap.handle, 0, 100, 200)  # a range larger than the free bytes
+        client.connection.call("heap_report", heap.handle, 0, 100, 200, 0)  # a range larger than the free bytes
     with pytest.raises(shmheap.ShmheapError):
-        client.connection.call("heap_report", heap.handle + 65536, 0, 0, 0)  # no such heap of ours
+        client.connection.call("heap_report", heap.handle + 65536, 0, 0, 0, 0)  # no such heap of ours
+
+
+def test_a_reports_age_is_from_when_it_was_true_not_from_when_it_came(daemon, client):
+    heap = client.create_heap("aged", initial=MiB)
+    client.heap_report(heap.handle, 0, 4096, 4096, when=time.time() - 30)  # computed, then held back
+    assert client.echo(1) == 1  # (it rides with this call)
+    row = next(h for h in client.stat()["heaps"] if h["handle"] == heap.handle)
+    assert row["free"] == 4096 and 29 <= row["reported"] < 60
+    client.heap_report(heap.handle, 0, 8192, 4096, when=time.time() + 3600)  # a clock ahead: now
+    row = next(h for h in client.stat()["heaps"] if h["handle"] == heap.handle)
+    assert row["free"] == 8192 and 0 <= row["reported"] < 5
 
 
 def test_stat_tables_and_watch(daemon, client):
