@@ -20,6 +20,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -235,8 +236,8 @@ class Purger:
                 self.next_report = now + REPORT_SECONDS
                 try:
                     self._report()
-                except Exception:  # a report is not worth the thread: purges must go on
-                    pass
+                except Exception as exc:  # a report is not worth the thread: purges go on
+                    warnings.warn(f"shmheap: heap usage reports failed: {exc!r}", RuntimeWarning, stacklevel=1)
             for heap in due:
                 if self._purge(heap):
                     with self.wakeup:

@@ -148,3 +148,28 @@ def test_stat_without_a_daemon_is_one_line(short_dir):
     proc = subprocess.run([sys.executable, "-m", "shmheap_clients.cli", "stat", "--socket",
                            os.path.join(short_dir, "none.sock")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "shmheap stat:" in proc.stderr
+
+
+def test_a_failing_report_is_a_warning_and_the_purger_goes_on(daemon, client):
+    import warnings
+
+    from shmheap import private_heap
+
+    heap = client.create_heap("failing reports", initial=MiB)
+
+    def broken(*figures):
+        raise RuntimeError("report path broken on purpose")
+
+    heap._heap.source.report = broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        heap.alloc(64)  # a change: the next round reports it, and fails
+        wait_until(lambda: any("report path broken" in str(w.message) for w in caught), timeout=10,
+                   what="the warning")
+        del heap._heap.source.report  # the method again, for the rest of the test
+    assert private_heap.purger.thread.is_alive()
+    blocks = [heap.alloc(64 * 1024) for _ in range(32)]
+    grown = heap.committed
+    for block in blocks:
+        block.free()
+    wait_until(lambda: heap.committed < grown, timeout=10, what="the purge after a failed report")
