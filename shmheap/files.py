@@ -98,13 +98,16 @@ class Files:
             raise_for(WinError.ERROR_INVALID_PARAMETER, "TRUNCATE_EXISTING needs GENERIC_WRITE (FM-10)")
         if not path:
             raise_for(WinError.ERROR_PATH_NOT_FOUND, "an empty path")
-        if os.path.isdir(path):  # a folder is no file to open or map, whatever the disposition (FM-08)
+        try:
+            found = os.stat(path)
+        except OSError:
+            found = None  # (open below says why, if it is more than "not there")
+        if found is not None and stat.S_ISDIR(found.st_mode):  # whatever the disposition (FM-08)
             raise_for(WinError.ERROR_ACCESS_DENIED, f"{path} is a folder")
         mode = os.O_RDWR if readable and writable else os.O_WRONLY if writable else os.O_RDONLY
-        existed = os.path.exists(path)
         with self._lock:
-            if existed:
-                self._check_sharing(path, readable, writable, share)
+            if found is not None:
+                self._check_sharing(path, (found.st_dev, found.st_ino), readable, writable, share)
             try:
                 fd = os.open(path, mode | _DISPOSITIONS[disposition] | os.O_CLOEXEC, 0o666)
             except OSError as exc:
@@ -115,17 +118,15 @@ class Files:
                 raise_for(WinError.ERROR_ACCESS_DENIED, f"{path} is a folder")
             handle = next(self._numbers)
             self.handles[handle] = FileHandle(fd, path, readable, writable, share, (info.st_dev, info.st_ino))
-        return handle, existed
+        return handle, found is not None
 
-    def _check_sharing(self, path: str, readable: bool, writable: bool, share: int) -> None:
-        """ERROR_SHARING_VIOLATION if an open handle of ours on the file does not share what
-        this open asks, or this open does not share what it holds (FM-13)."""
-        try:
-            info = os.stat(path)
-        except OSError:
-            return
+    def _check_sharing(self, path: str, identity: tuple[int, int], readable: bool, writable: bool,
+                       share: int) -> None:
+        """ERROR_SHARING_VIOLATION if an open handle of ours on the file (`identity`: device,
+        inode) does not share what this open asks, or this open does not share what it holds
+        (FM-13)."""
         for other in self.handles.values():
-            if other.identity != (info.st_dev, info.st_ino):
+            if other.identity != identity:
                 continue
             if ((readable and not other.share & FILE_SHARE_READ) or (writable and not other.share & FILE_SHARE_WRITE)
                     or (other.readable and not share & FILE_SHARE_READ)

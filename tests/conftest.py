@@ -54,16 +54,30 @@ def in_forked_child(body):
         os.close(read_end)
 
 
+def become(uid, groups=()):
+    """Turn this (forked) process into user `uid`: primary group `uid`, plus `groups`; needs
+    root."""
+    os.setgroups(list(groups))
+    os.setgid(uid)
+    os.setuid(uid)
+
+
 def as_user(uid, body, groups=(), env=None):
-    """Run body() in a forked child turned into `uid` (primary group `uid`, plus `groups`,
-    `env` added to its environment); needs root. Returns what in_forked_child does."""
+    """Run body() in a forked child turned into `uid` (become), with `env` added to its
+    environment. Returns what in_forked_child does."""
     def child():
-        os.setgroups(list(groups))
-        os.setgid(uid)
-        os.setuid(uid)
+        become(uid, groups)
         os.environ.update(env or {})
         return body()
     return in_forked_child(child)
+
+
+def finish(child, timeout=30.0):
+    """Wait up to `timeout` for a multiprocessing child to end, killing it if it does not."""
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        child.join(timeout)
 
 
 def connect_code(socket_path, work=None):

@@ -16,7 +16,7 @@ from shmheap.constants import MEM_DECOMMIT, MEM_RELEASE, PAGE_READONLY
 from shmheap.errors import WinError
 from shmheapd.main import main as daemon_main
 from shmheapd.server import peer_is_listening
-from conftest import Daemon, as_user, connect_code, wait_until
+from conftest import Daemon, as_user, become, connect_code, wait_until
 from win32_checks import expect
 
 
@@ -183,9 +183,7 @@ def test_a_users_own_daemon_shared_with_another_is_trusted_only_when_the_client_
     pid = os.fork()
     if pid == 0:
         try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            become(NOBODY)
             os._exit(daemon_main(daemon.args))
         finally:
             os._exit(99)

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 import shmheap
-from conftest import in_forked_child, receive
+from conftest import finish, in_forked_child, receive
 from shmheap import com, crt
 from shmheap import win32 as facade
 from shmheap.com import E_INVALIDARG, MEMCTX_TASK, S_OK
@@ -273,10 +273,7 @@ def test_com15_another_process_allocates_on_its_own_process_heap(win32, daemon):
         ours.send("tried")
         assert receive(ours, DEADLINE) == (True, True)
     finally:
-        child.join(DEADLINE)
-        if child.is_alive():
-            child.kill()
-            child.join(DEADLINE)
+        finish(child, DEADLINE)
     assert child.exitcode == 0
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import shmheap
-from conftest import in_forked_child, receive
+from conftest import finish, in_forked_child, receive
 from shmheap import com, crt
 from shmheap import win32 as facade
 from shmheap.crt import EINVAL, ENOMEM
@@ -462,10 +462,7 @@ def test_crt22_each_process_has_its_own_crt_heap(win32, daemon):
         ours.send("tried")
         assert receive(ours, DEADLINE) == (True, True)
     finally:
-        child.join(DEADLINE)
-        if child.is_alive():
-            child.kill()
-            child.join(DEADLINE)
+        finish(child, DEADLINE)
     assert child.exitcode == 0
 
 

@@ -16,7 +16,7 @@ from shmheap.constants import MEM_COMMIT, MEM_RESERVE, PAGE_READWRITE
 from shmheap.errors import ShmheapPermissionError, ShmheapValueError, WinError
 from shmheap.protocol import PROTOCOL_VERSION
 
-from conftest import Daemon, in_forked_child
+from conftest import Daemon, as_user
 
 
 def raw_socket(daemon, hello=True):
@@ -160,15 +160,13 @@ def test_other_uid_is_refused(daemon, client):
     os.chmod(daemon.folder, 0o755)
     os.chmod(daemon.socket, 0o666)
     def child():
-        os.setgid(65534)
-        os.setuid(65534)
         try:
             connect(daemon.socket, autostart=False)
         except ShmheapPermissionError as exc:
             return 0 if exc.winerror == WinError.ERROR_ACCESS_DENIED else 2
         return 3
 
-    assert in_forked_child(child) == 0, "a client of another uid was not refused with ERROR_ACCESS_DENIED"
+    assert as_user(65534, child) == 0, "a client of another uid was not refused with ERROR_ACCESS_DENIED"
     assert "refused pid" in daemon.log_text()
     assert client.echo(1) == 1
 

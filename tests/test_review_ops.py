@@ -24,7 +24,7 @@ import pytest
 import shmheap
 from shmheap import connection
 from shmheap.errors import WinError
-from conftest import as_user, connect_code, receive, wait_until
+from conftest import as_user, become, connect_code, receive, wait_until
 
 MiB = 2**20
 NOBODY, STRANGER = 65534, 65533
@@ -188,9 +188,7 @@ def test_a_client_refuses_a_listener_of_another_uid_unless_told(short_dir, monke
     pid = os.fork()
     if pid == 0:
         try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            become(NOBODY)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
             listener.listen(4)

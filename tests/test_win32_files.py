@@ -25,7 +25,7 @@ from shmheap.constants import (CREATE_ALWAYS, CREATE_NEW, FILE_MAP_READ, FILE_MA
 from shmheap.errors import WinError
 from win32_checks import call, expect, ok
 
-from conftest import in_forked_child, wait_until
+from conftest import as_user, in_forked_child, wait_until
 
 GRANULE = 0x10000
 RW = GENERIC_READ | GENERIC_WRITE
@@ -96,11 +96,7 @@ def test_a_read_only_file_is_not_opened_for_writing(win32, short_dir):
         return 0 if h == INVALID_HANDLE_VALUE and error == E.ERROR_ACCESS_DENIED and reader != h else 1
 
     if os.geteuid() == 0:
-        def as_nobody():
-            os.setgid(65534)
-            os.setuid(65534)
-            return attempt()
-        assert in_forked_child(as_nobody) == 0
+        assert as_user(65534, attempt) == 0
     else:
         assert attempt() == 0
 
