@@ -201,4 +201,6 @@ def test_pool_runs_on_the_daemon_its_socket_names(daemon, client):
     proc = _cli("pool", "--workers", "2", "--buffers", "3", "--count", "1000", "--socket", daemon.socket)
     assert proc.returncode == 0 and "3 checked, 0 wrong" in proc.stdout, proc.stderr
     pids = set(re.findall(r"pid (\d+) connected", daemon.log_text())) - before
-    assert len(pids) >= 3  # the pool and both its workers
+    # The pool and its workers (at least one: a worker that starts late may find the three
+    # buffers done) talked to this daemon.
+    assert len(pids) >= 2
